@@ -1,0 +1,24 @@
+"""Data configuration: the `data.*` section of an experiment (owned here, composed by the trainer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataConfig:
+    # synthetic: the embedded, procedurally generated shapes dataset (no files needed)
+    # webdataset: tar shards written by `python -m data_pipelines.prepare ... --format webdataset`
+    # ffcv: a .beton written by `python -m data_pipelines.prepare ... --format ffcv` (optional extra)
+    backend: str = "synthetic"
+    # Shards: a folder holding a manifest.json, a brace pattern or a glob; FFCV: the .beton file.
+    path: str = ""
+    resolution: int = 32
+    # Loader worker processes per rank (0 = load in the training process).
+    num_workers: int = 2
+    shuffle_buffer: int = 2000
+    # The SN-GAN paper trains without augmentation; horizontal flips are a common option.
+    random_flip: bool = False
+    # Number of distinct images of the synthetic dataset (sample i is a pure function of (seed, i)).
+    synthetic_size: int = 50000
+    synthetic_seed: int = 0

@@ -1,0 +1,12 @@
+"""SN-GAN model zoo: spectral normalization, layers, generators and discriminators, and a registry.
+
+Model code never imports trainer, launch or eval code and never sees DDP or accelerate.
+"""
+
+from .registry import (build_discriminator, build_generator, discriminator_names, generator_names,
+                       register_discriminator, register_generator)
+from .spectral_norm import sigmas, spectral_norm, spectral_norm_layers
+
+__all__ = ["build_generator", "build_discriminator", "generator_names", "discriminator_names",
+           "register_generator", "register_discriminator", "spectral_norm", "spectral_norm_layers",
+           "sigmas"]

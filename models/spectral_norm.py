@@ -1,0 +1,140 @@
+"""Spectral normalization (Miyato et al., ICLR 2018, Sec. 2.1 and Appendix A): the one implementation.
+
+A weight W is used as W_SN = W / sigma(W), where sigma(W) is the largest singular value of W
+reshaped to a (out, -1) matrix, estimated by power iteration with persistent vectors u, v.
+
+Design choices:
+- It is a ``torch.nn.utils.parametrize`` parametrization, so ``module.weight`` *is* the normalized
+  weight and the raw weight lives in ``module.parametrizations.weight.original``.
+- fp32 always: the power iteration and sigma run in float32 with autocast disabled, whatever the
+  layer's dtype or the surrounding autocast region; only the final W_SN is cast back to the
+  weight's own dtype (autocast then casts it to the compute dtype inside the conv/linear). PyTorch's
+  own ``parametrizations.spectral_norm`` runs ``mv`` under autocast, i.e. in fp16/bf16.
+- Gradient: sigma = u^T W v with u, v treated as constants, which is the paper's gradient
+  (d sigma / dW = u v^T, Eq. 10-12); once u, v have converged this equals the gradient of the exact
+  spectral norm.
+- DDP safety: u and v are updated in place under ``no_grad`` *before* being used, and the graph only
+  sees clones of them. A second forward (real then fake before one backward), or DDP's buffer
+  broadcast (``broadcast_buffers=True`` copies rank 0's buffers in place at every forward), therefore
+  never modifies a tensor saved for backward.
+- Identical u across ranks: u and v are buffers. DDP broadcasts rank 0's buffers at construction and,
+  with ``broadcast_buffers=True``, before every forward; besides, every rank holds the same W (grads
+  are all-reduced) and the power iteration is deterministic, so the ranks' u would agree anyway.
+- Training mode updates u, v (``n_power_iterations`` steps per forward); eval mode reuses the stored
+  u, v, so outputs are deterministic and u is left unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = ["SpectralNorm", "spectral_norm", "remove_spectral_norm", "spectral_norm_layers", "sigmas"]
+
+
+def _default_dim(module: nn.Module) -> int:
+    # ConvTranspose weights are (in, out, kH, kW): the output dimension is 1.
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return 1
+    return 0
+
+
+class SpectralNorm(nn.Module):
+    """Parametrization W -> W / sigma(W) with an fp32 power iteration (see the module docstring)."""
+
+    def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0,
+                 eps: float = 1e-12, warmup_iterations: int = 15) -> None:
+        super().__init__()
+        if n_power_iterations < 1:
+            raise ValueError(f"n_power_iterations must be >= 1, got {n_power_iterations}")
+        ndim = weight.ndim
+        if not -ndim <= dim < ndim:
+            raise ValueError(f"dim={dim} out of range for a weight of shape {tuple(weight.shape)}")
+        self.dim = dim % ndim if ndim else 0
+        self.n_power_iterations = n_power_iterations
+        self.eps = eps
+        w = self._as_matrix(weight.detach())
+        h, wd = w.shape
+        u = F.normalize(w.new_empty(h).normal_(0, 1), dim=0, eps=eps)
+        v = F.normalize(w.new_empty(wd).normal_(0, 1), dim=0, eps=eps)
+        self.register_buffer("_u", u)
+        self.register_buffer("_v", v)
+        # sigma of the raw weight from the last forward (for logging; not used for compute).
+        self.register_buffer("sigma", torch.ones((), dtype=torch.float32))
+        self._power_method(w, warmup_iterations)
+
+    def _as_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.float()
+        if w.ndim == 1:
+            return w.unsqueeze(0)
+        if self.dim != 0:
+            w = w.movedim(self.dim, 0)
+        return w.reshape(w.shape[0], -1)
+
+    @torch.no_grad()
+    def _power_method(self, w: torch.Tensor, n: int) -> None:
+        # Same update order as torch's parametrization so that both agree given the same u.
+        for _ in range(n):
+            self._v.copy_(F.normalize(torch.mv(w.t(), self._u), dim=0, eps=self.eps))
+            self._u.copy_(F.normalize(torch.mv(w, self._v), dim=0, eps=self.eps))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        device_type = weight.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            w = self._as_matrix(weight)
+            if self.training:
+                self._power_method(w.detach(), self.n_power_iterations)
+            # Clones: the graph must not hold the buffers that the next forward / DDP overwrite.
+            u = self._u.clone(memory_format=torch.contiguous_format)
+            v = self._v.clone(memory_format=torch.contiguous_format)
+            sigma = torch.dot(u, torch.mv(w, v))
+            with torch.no_grad():
+                self.sigma.copy_(sigma.detach())
+            w_sn = weight.float() / sigma
+        return w_sn.to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, n_power_iterations={self.n_power_iterations}, eps={self.eps}"
+
+
+def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1,
+                  eps: float = 1e-12, dim: int | None = None, warmup_iterations: int = 15) -> nn.Module:
+    """Apply spectral normalization to ``module.<name>`` in place and return the module.
+
+    Works for Linear, Conv1d/2d/3d, ConvTranspose (normalizing over the output dim) and Embedding.
+    Afterwards ``module.weight`` is the normalized weight.
+    """
+    weight = getattr(module, name, None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"module {type(module).__name__} has no parameter or buffer named '{name}'")
+    if parametrize.is_parametrized(module, name):
+        raise ValueError(f"'{name}' of {type(module).__name__} is already parametrized")
+    if dim is None:
+        dim = _default_dim(module)
+    parametrize.register_parametrization(
+        module, name, SpectralNorm(weight, n_power_iterations, dim, eps, warmup_iterations))
+    return module
+
+
+def remove_spectral_norm(module: nn.Module, name: str = "weight") -> nn.Module:
+    """Bake the current normalized weight into a plain parameter."""
+    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return module
+
+
+def spectral_norm_layers(model: nn.Module) -> Iterator[Tuple[str, SpectralNorm]]:
+    """Yield (layer name, SpectralNorm parametrization) for every SN layer of ``model``."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, SpectralNorm):
+            # "...parametrizations.weight.0" -> owner layer name
+            owner = name.split(".parametrizations.")[0]
+            yield owner, mod
+
+
+def sigmas(model: nn.Module) -> Dict[str, float]:
+    """sigma(W) of the raw weight of each SN layer, as last estimated (for logging)."""
+    return {name: float(sn.sigma) for name, sn in spectral_norm_layers(model)}
