@@ -67,6 +67,18 @@ class SpectralNorm(nn.Module):
         self.register_buffer("sigma", torch.ones((), dtype=torch.float32))
         self._power_method(w, warmup_iterations)
 
+    def _apply(self, fn, recurse=True):
+        # ``module.to(torch.bfloat16)`` / ``.half()`` cast floating buffers too; u, v and sigma must
+        # stay fp32 (and keep their fp32 values, not a bf16 round trip), so only the device change
+        # of ``fn`` is kept for them.
+        before = {k: b for k, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for key, old in before.items():
+            new = self._buffers[key]
+            if new is not None and new.dtype != torch.float32:
+                self._buffers[key] = old.to(device=new.device, dtype=torch.float32)
+        return self
+
     def _as_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         w = weight.float()
         if w.ndim == 1:
