@@ -89,10 +89,12 @@ class SpectralNorm(nn.Module):
 
     @torch.no_grad()
     def _power_method(self, w: torch.Tensor, n: int) -> None:
-        # Same update order as torch's parametrization so that both agree given the same u.
+        # PyTorch's order (u from v, then v from u), so that a (u, v) state copied from
+        # ``torch.nn.utils.parametrizations.spectral_norm`` gives the same outputs. The paper's
+        # Algorithm 1 updates v first; it is the same alternating iteration shifted by half a step.
         for _ in range(n):
-            self._v.copy_(F.normalize(torch.mv(w.t(), self._u), dim=0, eps=self.eps))
             self._u.copy_(F.normalize(torch.mv(w, self._v), dim=0, eps=self.eps))
+            self._v.copy_(F.normalize(torch.mv(w.t(), self._u), dim=0, eps=self.eps))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         device_type = weight.device.type

@@ -1,0 +1,183 @@
+"""Tests of models/spectral_norm.py: sigma, agreement with PyTorch's SN, fp32 under bf16, gradient,
+eval mode and the double-forward (real + fake) backward that D relies on."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
+
+from models.spectral_norm import SpectralNorm, sigmas, spectral_norm, spectral_norm_layers
+
+
+def _sn(module: nn.Module) -> SpectralNorm:
+    return module.parametrizations.weight[0]
+
+
+def _raw(module: nn.Module) -> torch.Tensor:
+    return module.parametrizations.weight.original
+
+
+def _matrix(weight: torch.Tensor, out_dim: int) -> torch.Tensor:
+    """Weight as (out, -1), ``out_dim`` being the output dimension of the layer's weight."""
+    return weight.movedim(out_dim, 0).reshape(weight.shape[out_dim], -1)
+
+
+# (layer factory, dimension of the weight holding the outputs)
+LAYERS = {
+    "linear": (lambda: nn.Linear(12, 9), 0),
+    "conv2d": (lambda: nn.Conv2d(4, 6, 3), 0),
+    # ConvTranspose2d weights are (in, out, kH, kW): sigma is that of the (out, in*kH*kW) matrix.
+    "conv_transpose2d": (lambda: nn.ConvTranspose2d(5, 3, 3), 1),
+    "embedding": (lambda: nn.Embedding(10, 7), 0),
+}
+
+
+def _input_for(module: nn.Module) -> torch.Tensor:
+    if isinstance(module, nn.Embedding):
+        return torch.tensor([0, 3, 9, 3])
+    if isinstance(module, nn.Linear):
+        return torch.randn(4, module.in_features)
+    return torch.randn(2, module.in_channels, 6, 6)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_sigma_converges_to_largest_singular_value(kind):
+    torch.manual_seed(0)
+    factory, out_dim = LAYERS[kind]
+    layer = spectral_norm(factory())
+    for _ in range(300):  # each access of .weight in training mode is one power iteration
+        layer.weight
+    expected = torch.linalg.matrix_norm(_matrix(_raw(layer).detach().double(), out_dim), ord=2)
+    assert float(_sn(layer).sigma) == pytest.approx(float(expected), rel=1e-3)
+    # The normalized weight has unit spectral norm along the same reshape.
+    with torch.no_grad():
+        normalized = torch.linalg.matrix_norm(_matrix(layer.weight.double(), out_dim), ord=2)
+    assert float(normalized) == pytest.approx(1.0, rel=1e-3)
+    if out_dim == 1:  # the other reshape has a different spectral norm: the dim matters
+        other = torch.linalg.matrix_norm(_matrix(_raw(layer).detach().double(), 0), ord=2)
+        assert abs(float(other) - float(expected)) > 1e-2
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("n_power_iterations", [1, 3])
+def test_matches_torch_spectral_norm_given_same_u(kind, n_power_iterations):
+    torch.manual_seed(1)
+    factory, _ = LAYERS[kind]
+    base = factory()
+    ours = spectral_norm(copy.deepcopy(base), n_power_iterations=n_power_iterations)
+    theirs = torch_spectral_norm(copy.deepcopy(base), n_power_iterations=n_power_iterations)
+    with torch.no_grad():  # a far-from-converged state, so a different update order would show
+        _sn(ours)._u.copy_(F.normalize(torch.randn_like(_sn(ours)._u), dim=0))
+        _sn(ours)._v.copy_(F.normalize(torch.randn_like(_sn(ours)._v), dim=0))
+        _sn(theirs)._u.copy_(_sn(ours)._u)
+        _sn(theirs)._v.copy_(_sn(ours)._v)
+    x = _input_for(base)
+    for mode in ("train", "train", "eval"):
+        ours.train(mode == "train")
+        theirs.train(mode == "train")
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_sn(ours)._u, _sn(theirs)._u, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_keeps_power_iteration_fp32():
+    torch.manual_seed(2)
+    conv = spectral_norm(nn.Conv2d(8, 16, 3, padding=1))
+    reference = copy.deepcopy(conv)
+    x = torch.randn(2, 8, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    ref_out = reference(x)  # fp32, same starting u
+    sn, ref_sn = _sn(conv), _sn(reference)
+    assert out.dtype == torch.bfloat16
+    assert sn._u.dtype == sn._v.dtype == sn.sigma.dtype == torch.float32
+    assert float(sn.sigma) == pytest.approx(float(ref_sn.sigma), rel=1e-5)
+    torch.testing.assert_close(sn._u, ref_sn._u, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.float(), ref_out, rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_weights_still_iterate_in_fp32():
+    torch.manual_seed(3)
+    conv = spectral_norm(nn.Conv2d(8, 16, 3, padding=1))
+    u_before, v_before = _sn(conv)._u.clone(), _sn(conv)._v.clone()
+    conv.to(torch.bfloat16)
+    sn = _sn(conv)
+    assert _raw(conv).dtype == torch.bfloat16
+    assert sn._u.dtype == sn._v.dtype == sn.sigma.dtype == torch.float32
+    assert torch.equal(sn._u, u_before) and torch.equal(sn._v, v_before)  # no bf16 round trip
+
+    out = conv(torch.randn(2, 8, 8, 8, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    # Reference: one fp64 power iteration from the same (u, v) on the bf16 weight.
+    w = _raw(conv).detach().double().reshape(16, -1)
+    u = F.normalize(w @ v_before.double(), dim=0)
+    v = F.normalize(w.t() @ u, dim=0)
+    sigma = u @ w @ v
+    assert float(sn.sigma) == pytest.approx(float(sigma), rel=1e-5)
+
+
+def test_gradient_goes_through_sigma():
+    """The paper's gradient (Sec. 2.1, Eq. 10-12), not a stop-gradient on sigma: once u, v have
+    converged, d/dW of W / sigma(W) equals autograd through the exact spectral norm."""
+    torch.manual_seed(4)
+    weight = torch.randn(3, 4, dtype=torch.float32)
+    layer = nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    spectral_norm(layer)
+    for _ in range(200):
+        layer.weight
+    layer.eval()
+    target = torch.randn(3, 4)
+
+    loss = (layer.weight * target).sum()
+    loss.backward()
+    ours = _raw(layer).grad.double()
+
+    w = weight.double().requires_grad_(True)
+    ((w / torch.linalg.matrix_norm(w, ord=2)) * target.double()).sum().backward()
+    torch.testing.assert_close(ours, w.grad, rtol=1e-4, atol=1e-5)
+
+    w_stop = weight.double().requires_grad_(True)
+    ((w_stop / torch.linalg.matrix_norm(w_stop, ord=2).detach()) * target.double()).sum().backward()
+    assert (ours - w_stop.grad).abs().max() > 1e-2  # a stop-gradient would differ
+
+
+def test_eval_mode_leaves_u_unchanged_and_is_deterministic():
+    torch.manual_seed(5)
+    conv = spectral_norm(nn.Conv2d(3, 5, 3)).eval()
+    u, v = _sn(conv)._u.clone(), _sn(conv)._v.clone()
+    x = torch.randn(2, 3, 7, 7)
+    first, second = conv(x), conv(x)
+    assert torch.equal(first, second)
+    assert torch.equal(_sn(conv)._u, u) and torch.equal(_sn(conv)._v, v)
+    conv.train()
+    conv(x)
+    assert not torch.equal(_sn(conv)._u, u)  # training mode does iterate
+
+
+@pytest.mark.parametrize("n_power_iterations", [1, 2])
+def test_two_forwards_then_one_backward(n_power_iterations):
+    """D is called on reals and fakes before one backward; DDP may also overwrite the buffers in
+    place (broadcast_buffers) in between. Neither may trip autograd's in-place check."""
+    torch.manual_seed(6)
+    conv = spectral_norm(nn.Conv2d(3, 4, 3), n_power_iterations=n_power_iterations)
+    real, fake = torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6, requires_grad=True)
+    loss = conv(real).relu().mean() + conv(fake).relu().mean()
+    with torch.no_grad():  # what a DDP buffer broadcast does before the next forward
+        _sn(conv)._u.copy_(F.normalize(torch.randn(4), dim=0))
+    loss.backward()
+    assert _raw(conv).grad is not None and torch.isfinite(_raw(conv).grad).all()
+    assert fake.grad is not None
+
+
+def test_layer_listing_and_sigmas():
+    model = nn.Sequential(spectral_norm(nn.Linear(4, 4)), nn.ReLU(), nn.Linear(4, 2),
+                          spectral_norm(nn.Conv2d(1, 2, 1)))
+    assert [name for name, _ in spectral_norm_layers(model)] == ["0", "3"]
+    values = sigmas(model)
+    assert set(values) == {"0", "3"} and all(v > 0 for v in values.values())
+    with pytest.raises(ValueError, match="already parametrized"):
+        spectral_norm(model[0])
