@@ -1,0 +1,79 @@
+"""Builds what the loop needs from a resolved config: models, optimizers, LR factor, loss, constraint."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+import models
+from .config import Config
+from .losses import GANLoss, get_loss
+from .regularizers import DConstraint, build_constraint
+
+
+def generator_kwargs(cfg: Config) -> dict:
+    kw = {"num_classes": cfg.model.num_classes, "z_dim": cfg.model.z_dim}
+    ch = cfg.model.g_ch or cfg.model.ch
+    if ch:
+        kw["ch"] = ch
+    return kw
+
+
+def discriminator_kwargs(cfg: Config, constraint: DConstraint) -> dict:
+    kw = {"num_classes": cfg.model.num_classes, "norm": constraint.layer_norm}
+    if constraint.layer_norm == "sn":
+        kw["n_power_iterations"] = cfg.model.n_power_iterations
+    ch = cfg.model.d_ch or cfg.model.ch
+    if ch:
+        kw["ch"] = ch
+    return kw
+
+
+@dataclass
+class Parts:
+    G: nn.Module
+    D: nn.Module
+    G_ema: Optional[nn.Module]
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    loss: GANLoss
+    constraint: DConstraint
+    g_kwargs: dict
+    d_kwargs: dict
+
+
+def build_parts(cfg: Config, device: torch.device) -> Parts:
+    constraint = build_constraint(cfg.model.d_constraint, cfg.loss.gp_weight, cfg.loss.orth_weight,
+                                  cfg.loss.clip_value)
+    g_kwargs, d_kwargs = generator_kwargs(cfg), discriminator_kwargs(cfg, constraint)
+    # Same init on every rank: models are built from the run seed before DDP (which also broadcasts).
+    torch.manual_seed(cfg.train.seed)
+    G = models.build_generator(cfg.model.g, **g_kwargs).to(device)
+    D = models.build_discriminator(cfg.model.d, **d_kwargs).to(device)
+    if cfg.train.channels_last:
+        G = G.to(memory_format=torch.channels_last)
+        D = D.to(memory_format=torch.channels_last)
+    G_ema = None
+    if cfg.train.ema_half_life_kimg > 0:
+        G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    o = cfg.optim
+    opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
+    return Parts(G, D, G_ema, opt_g, opt_d, get_loss(cfg.loss.name), constraint, g_kwargs, d_kwargs)
+
+
+def lr_factor(cfg: Config, step: int) -> float:
+    """Multiplier of the base LR at G step ``step`` (stateless, so resume needs no scheduler state)."""
+    o = cfg.optim
+    if o.schedule == "constant":
+        return 1.0
+    end = o.decay_end or cfg.train.steps
+    if step <= o.decay_start:
+        return 1.0
+    if end <= o.decay_start:
+        return 0.0
+    return max(0.0, 1.0 - (step - o.decay_start) / (end - o.decay_start))

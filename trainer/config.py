@@ -1,0 +1,229 @@
+"""Experiment configuration: typed dataclasses, YAML experiments on top of defaults, dotted overrides.
+
+Resolution order: dataclass defaults <- ``launch/experiments/<exp>.yaml`` (which may name a
+``base:`` experiment it extends) <- ``key=value`` overrides from the command line. Unknown keys fail
+with the key's name and the nearest valid ones; values of the wrong type fail with the expected type.
+The resolved config is plain data (``to_dict``) and is written to ``RUN_DIR/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import yaml
+
+from data_pipelines.config import DataConfig
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "launch" / "experiments"
+
+
+class ConfigError(ValueError):
+    """A bad experiment name, key or value; the message names it and what would be valid."""
+
+
+@dataclass
+class ModelConfig:
+    g: str = "resnet32"
+    d: str = "resnet32"
+    num_classes: int = 0          # 0 = unconditional; >0: conditional BN in G, projection D
+    ch: int = 0                   # base width for G and D; 0 = the architecture's default
+    g_ch: int = 0                 # overrides ch for G when > 0
+    d_ch: int = 0                 # overrides ch for D when > 0
+    z_dim: int = 128
+    # How D is constrained (SN-GAN paper, Sec. 4 comparison): sn | wn | orth | clip | gp | none
+    d_constraint: str = "sn"
+    n_power_iterations: int = 1
+
+
+@dataclass
+class LossConfig:
+    name: str = "hinge"           # hinge | wasserstein | ns (non-saturating, "DCGAN"/"KL") | minimax
+    gp_weight: float = 10.0       # WGAN-GP lambda (Gulrajani et al. 2017)
+    orth_weight: float = 1e-4     # orthonormal regularization beta (Brock et al. 2016)
+    clip_value: float = 0.01      # WGAN weight clipping c (Arjovsky et al. 2017)
+
+
+@dataclass
+class OptimConfig:
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.0
+    beta2: float = 0.9
+    schedule: str = "constant"    # constant | linear (decay to 0 between decay_start and decay_end)
+    decay_start: int = 0          # G step at which linear decay starts
+    decay_end: int = 0            # G step at which the LR reaches 0; 0 = train.steps
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000             # G iterations
+    batch_size: int = 64          # global D batch (real images per D step, summed over ranks)
+    g_batch_size: int = 0         # global G batch per G step; 0 = batch_size
+    n_dis: int = 5                # D steps per G step
+    precision: str = "fp32"       # fp32 | bf16 | fp16 (fp16 uses a grad scaler)
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    ema_half_life_kimg: float = 0.0   # EMA of G with this half-life in thousands of images; 0 = off
+    ema_start_step: int = 0
+    log_every: int = 10
+    sample_every: int = 100
+    ckpt_every: int = 500
+    keep_ckpts: int = 3
+    resume: str = "auto"          # auto | none | PATH of a checkpoint folder
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    exp: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+CHOICES = {
+    "model.d_constraint": ("sn", "wn", "orth", "clip", "gp", "none"),
+    "loss.name": ("hinge", "wasserstein", "ns", "minimax"),
+    "optim.schedule": ("constant", "linear"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "data.backend": ("synthetic", "webdataset", "ffcv"),
+}
+
+
+def available_experiments() -> List[str]:
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+
+
+def _valid_keys(obj: Any, prefix: str = "") -> List[str]:
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _valid_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown_key(cfg: Config, key: str) -> ConfigError:
+    valid = _valid_keys(cfg)
+    near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(near)}?" if near else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    target = {"int": int, "float": float, "str": str, "bool": bool}.get(
+        annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
+    if target is None:
+        return value
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if target is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, target) or (target is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' expects {target.__name__}, got {value!r} "
+                          f"({type(value).__name__})")
+    choices = CHOICES.get(key)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set a dotted key (``train.batch_size``) with type checking."""
+    parts = key.split(".")
+    obj = cfg
+    for part in parts[:-1]:
+        sub = getattr(obj, part, None)
+        if not dataclasses.is_dataclass(sub):
+            raise _unknown_key(cfg, key)
+        obj = sub
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    f = names.get(parts[-1])
+    if f is None or dataclasses.is_dataclass(getattr(obj, parts[-1])):
+        raise _unknown_key(cfg, key)
+    hints = typing.get_type_hints(type(obj))
+    setattr(obj, parts[-1], _coerce(key, value, hints[f.name]))
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _load_experiment(name: str, seen: Sequence[str] = ()) -> Dict[str, Any]:
+    path = Path(name) if name.endswith((".yaml", ".yml")) else EXPERIMENTS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        near = difflib.get_close_matches(name, available_experiments(), n=3)
+        raise ConfigError(f"unknown experiment '{name}'"
+                          + (f"; did you mean {', '.join(near)}?" if near else "")
+                          + f" (available: {', '.join(available_experiments())})")
+    if str(path) in seen:
+        raise ConfigError(f"experiment '{name}' extends itself through 'base:'")
+    with open(path) as fh:
+        tree = yaml.safe_load(fh) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: an experiment file must be a mapping of sections")
+    base = tree.pop("base", None)
+    flat = _load_experiment(base, (*seen, str(path))) if base else {}
+    flat.update(_flatten(tree))
+    return flat
+
+
+def parse_override(text: str) -> tuple:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value (e.g. train.batch_size=32)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(exp: str = "default", overrides: Sequence[str] = ()) -> Config:
+    cfg = Config()
+    for key, value in _load_experiment(exp).items():
+        set_key(cfg, key, value)
+    cfg.exp = Path(exp).stem if exp.endswith((".yaml", ".yml")) else exp
+    for text in overrides:
+        set_key(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    t = cfg.train
+    for key in ("steps", "batch_size", "n_dis", "log_every", "sample_every", "ckpt_every", "keep_ckpts"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if t.g_batch_size < 0:
+        raise ConfigError(f"train.g_batch_size must be >= 0, got {t.g_batch_size}")
+    if cfg.model.num_classes < 0:
+        raise ConfigError(f"model.num_classes must be >= 0, got {cfg.model.num_classes}")
+    if t.resume not in ("auto", "none") and not os.path.isdir(t.resume):
+        raise ConfigError(f"train.resume must be auto, none or an existing checkpoint folder; "
+                          f"{t.resume!r} is not a folder")
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

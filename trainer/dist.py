@@ -1,0 +1,60 @@
+"""The one place that knows about ranks: is_main(), print0(), barrier(), reductions.
+
+Call sites never branch on rank themselves (edm's torch_utils/distributed.py pattern). Everything
+works without an initialised process group (one process).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if initialized():
+        dist.barrier()
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all_reduce (sum or max); no-op for one process."""
+    if initialized() and world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any rank."""
+    if not (initialized() and world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_(t, "max").item() > 0)
+
+
+def broadcast_object(obj):
+    """Rank 0's object on every rank."""
+    if not (initialized() and world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
