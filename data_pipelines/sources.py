@@ -1,0 +1,393 @@
+"""Raw datasets the writer reads: ImageNet (train and val), any ImageFolder tree, CIFAR-10, STL-10.
+
+:func:`open_source` checks the layout completely (path readable, expected files present, no empty
+class folder, every val image labelled) and raises :class:`SourceError` with the bad path and what
+was expected *before* any image is converted. The result is a :class:`Source`: a class list and
+``len(source)`` items, each a file path or a pixel array plus a label, in a deterministic order
+(sorted class, then sorted file name; the dataset's own order for CIFAR / STL-10).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .imagenet_classes import ILSVRC2012_WNIDS, WNID_TO_INDEX, imagenet_class_name, preset_wnids
+
+SOURCE_KINDS = ("imagenet", "imagefolder", "cifar10", "stl10")
+# Same set as torchvision's ImageFolder; matched case-insensitively (ImageNet uses ``.JPEG``).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+WNID_RE = re.compile(r"^n\d{8}$")
+STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
+STL10_SIDE = 96
+
+
+class SourceError(ValueError):
+    """The source path or layout is not usable; raised before any work starts."""
+
+
+@dataclass
+class ClassInfo:
+    id: str            # folder name, WordNet id or dataset class name
+    name: str          # human-readable name
+    source_index: int  # index in the source's own full class list (ILSVRC-2012 index for ImageNet)
+
+
+@dataclass
+class Source:
+    kind: str
+    path: str
+    split: str
+    classes: List[ClassInfo]
+    labels: np.ndarray                      # int64 [N]; -1 for unlabelled data (STL-10 unlabeled)
+    files: Optional[List[str]] = None       # file sources: absolute paths, aligned with labels
+    pixels: Optional[Callable[[int, int], np.ndarray]] = None  # array sources: (start, stop) -> uint8 [n, H, W, 3]
+    details: Dict[str, str] = field(default_factory=dict)      # e.g. the labels file used
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "split": self.split, **self.details}
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _readable_dir(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise SourceError(f"{what} {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise SourceError(f"{what} {str(path)!r} is not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise SourceError(f"{what} {str(path)!r} is not readable (permissions)")
+    return path
+
+
+def _image_files(folder: Path) -> List[str]:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        raise SourceError(f"cannot list {str(folder)!r}: {exc}") from None
+    return [e.path for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)]
+
+
+def _class_folders(root: Path) -> List[Path]:
+    return sorted((Path(e.path) for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")),
+                  key=lambda p: p.name)
+
+
+def _split_dir(root: Path, split: str, nested: Sequence[str] = ()) -> Path:
+    """``root/split`` (or ``root/<nested>/split``) when it exists, else ``root`` itself."""
+    for base in (root, *(root / n for n in nested)):
+        if (base / split).is_dir():
+            return base / split
+    return root
+
+
+def _find_upwards(start: Path, names: Sequence[str], levels: int = 4) -> Optional[Path]:
+    here = start.resolve()
+    for _ in range(levels + 1):
+        for name in names:
+            if (here / name).is_file():
+                return here / name
+        here = here.parent
+    return None
+
+
+def _folder_tree(root: Path, what: str) -> Tuple[List[Path], List[str], List[int]]:
+    """Class folders, then all image files with their class index; fails on an empty class."""
+    folders = _class_folders(root)
+    if not folders:
+        raise SourceError(f"{what} {str(root)!r} has no class sub-folders; expected "
+                          f"{root}/<class>/<image files>")
+    files, labels = [], []
+    for index, folder in enumerate(folders):
+        images = _image_files(folder)
+        if not images:
+            raise SourceError(f"class folder {str(folder)!r} holds no image files "
+                              f"({', '.join(IMAGE_SUFFIXES)}); remove it or add images")
+        files.extend(images)
+        labels.extend([index] * len(images))
+    return folders, files, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageNet
+
+
+def _synset_names(start: Path) -> Dict[str, str]:
+    """WordNet id -> name from the Kaggle ``LOC_synset_mapping.txt`` or devkit ``synset_words.txt``."""
+    found = _find_upwards(start, ("LOC_synset_mapping.txt", "synset_words.txt"))
+    names: Dict[str, str] = {}
+    if found is not None:
+        for line in found.read_text(errors="replace").splitlines():
+            wnid, _, rest = line.strip().partition(" ")
+            if WNID_RE.match(wnid):
+                names[wnid] = rest.split(",")[0].strip() or wnid
+    return names
+
+
+def _imagenet_class(wnid: str, names: Dict[str, str]) -> ClassInfo:
+    return ClassInfo(wnid, names.get(wnid) or imagenet_class_name(wnid), WNID_TO_INDEX[wnid])
+
+
+def _check_wnids(wnids: Sequence[str], where: str) -> None:
+    bad = [w for w in wnids if not WNID_RE.match(w)]
+    if bad:
+        raise SourceError(f"{where}: {bad[:3]} are not ImageNet synset folders (nXXXXXXXX); "
+                          f"use --source imagefolder for other trees")
+    unknown = [w for w in wnids if w not in WNID_TO_INDEX]
+    if unknown:
+        raise SourceError(f"{where}: {unknown[:3]} are not among the 1000 ILSVRC-2012 classes; "
+                          f"use --source imagefolder for other ImageNet subsets")
+
+
+def _val_labels_kaggle(csv_path: Path) -> Dict[str, str]:
+    labels = {}
+    with open(csv_path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header or header[0] != "ImageId":
+            raise SourceError(f"{str(csv_path)!r} is not LOC_val_solution.csv "
+                              f"(expected header ImageId,PredictionString, got {header})")
+        for row in reader:
+            if len(row) >= 2 and row[1].split():
+                labels[row[0]] = row[1].split()[0]
+    return labels
+
+
+def _val_labels_devkit(txt_path: Path) -> Dict[str, str]:
+    """Devkit ground truth: line i is the ILSVRC2012_ID of ILSVRC2012_val_{i:08d}; meta.mat maps ids."""
+    meta = txt_path.with_name("meta.mat")
+    if not meta.is_file():
+        raise SourceError(f"{str(txt_path)!r} needs the devkit's meta.mat beside it (not found at {str(meta)!r})")
+    from scipy.io import loadmat
+    synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+    id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["ILSVRC2012_ID"]) <= 1000}
+    labels = {}
+    for i, line in enumerate(txt_path.read_text().split(), start=1):
+        if int(line) not in id_to_wnid:
+            raise SourceError(f"{str(txt_path)!r} line {i}: class id {line} is not in meta.mat (1..1000)")
+        labels[f"ILSVRC2012_val_{i:08d}"] = id_to_wnid[int(line)]
+    return labels
+
+
+def _imagenet_val(root: Path, labels_file: Optional[str]) -> Tuple[List[str], List[str], Path]:
+    if labels_file:
+        found = Path(labels_file)
+        if not found.is_file():
+            raise SourceError(f"--labels {labels_file!r} is not a readable file")
+    else:
+        found = _find_upwards(root, ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt",
+                                     "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
+                                     "data/ILSVRC2012_validation_ground_truth.txt"))
+        if found is None:
+            raise SourceError(f"ImageNet val folder {str(root)!r} is flat and no labels file was found near it; "
+                              f"pass --labels LOC_val_solution.csv (Kaggle) or "
+                              f"--labels ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt")
+    table = _val_labels_kaggle(found) if found.suffix == ".csv" else _val_labels_devkit(found)
+    files = _image_files(root)
+    if not files:
+        raise SourceError(f"ImageNet val folder {str(root)!r} holds no image files")
+    stems = [Path(f).name.split(".")[0] for f in files]
+    missing = [s for s in stems if s not in table]
+    if missing:
+        raise SourceError(f"{len(missing)} val images have no label in {str(found)!r}, e.g. {missing[:3]}")
+    return files, [table[s] for s in stems], found
+
+
+def open_imagenet(path: Path, split: str, labels_file: Optional[str]) -> Source:
+    kaggle = ("ILSVRC/Data/CLS-LOC", "Data/CLS-LOC")
+    root = _readable_dir(_split_dir(_readable_dir(path, "ImageNet path"), split, kaggle), f"ImageNet {split} folder")
+    names = _synset_names(root)
+    details: Dict[str, str] = {}
+    subdirs = _class_folders(root)
+    if subdirs:  # train layout (or a val folder already sorted into synset folders)
+        folders, files, labels = _folder_tree(root, f"ImageNet {split} folder")
+        wnids = [f.name for f in folders]
+        _check_wnids(wnids, f"ImageNet {split} folder {str(root)!r}")
+        classes = [_imagenet_class(w, names) for w in wnids]
+    else:
+        if split == "train":
+            raise SourceError(f"ImageNet train folder {str(root)!r} has no synset sub-folders "
+                              f"(expected {root}/n01440764/*.JPEG ...)")
+        files, file_wnids, found = _imagenet_val(root, labels_file)
+        details["labels_file"] = str(found.resolve())
+        wnids = sorted(set(file_wnids))
+        _check_wnids(wnids, f"labels file {str(found)!r}")
+        classes = [_imagenet_class(w, names) for w in wnids]
+        index = {w: i for i, w in enumerate(wnids)}
+        labels = [index[w] for w in file_wnids]
+    if len(classes) != len(ILSVRC2012_WNIDS):
+        details["note"] = f"{len(classes)} of the 1000 ILSVRC-2012 classes present"
+    return Source("imagenet", str(root.resolve()), split, classes, np.asarray(labels, np.int64), files=files,
+                  details=details)
+
+
+def open_imagefolder(path: Path, split: str) -> Source:
+    root = _readable_dir(_split_dir(_readable_dir(path, "ImageFolder path"), split), "ImageFolder path")
+    folders, files, labels = _folder_tree(root, "ImageFolder path")
+    classes = [ClassInfo(f.name, f.name, i) for i, f in enumerate(folders)]
+    return Source("imagefolder", str(root.resolve()), split, classes, np.asarray(labels, np.int64), files=files)
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10 (python pickle batches) and STL-10 (binary)
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception as exc:
+        raise SourceError(f"{str(path)!r} is not a CIFAR python pickle: {type(exc).__name__}: {exc}") from None
+
+
+def open_cifar10(path: Path, split: str) -> Source:
+    root = _readable_dir(path, "CIFAR-10 path")
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+    if split not in names:
+        raise SourceError(f"--split {split!r} does not exist for cifar10; valid: train, test")
+    missing = [n for n in names[split] + ["batches.meta"] if not (root / n).is_file()]
+    if missing:
+        raise SourceError(f"{str(root)!r} is not a cifar-10-batches-py folder: missing {missing}")
+    data, labels = [], []
+    for name in names[split]:
+        batch = _unpickle(root / name)
+        if b"data" not in batch or b"labels" not in batch:
+            raise SourceError(f"{str(root / name)!r} has no b'data' / b'labels' entries")
+        arr = np.asarray(batch[b"data"], dtype=np.uint8)
+        if arr.ndim != 2 or arr.shape[1] != 3072 or len(batch[b"labels"]) != len(arr):
+            raise SourceError(f"{str(root / name)!r}: data has shape {arr.shape}, expected (N, 3072) "
+                              f"with N labels")
+        data.append(arr.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.extend(batch[b"labels"])
+    meta = _unpickle(root / "batches.meta")
+    label_names = [n.decode() for n in meta.get(b"label_names", [])] or [str(i) for i in range(10)]
+    pixels = np.ascontiguousarray(np.concatenate(data))
+    classes = [ClassInfo(n, n, i) for i, n in enumerate(label_names)]
+    return Source("cifar10", str(root.resolve()), split, classes, np.asarray(labels, np.int64),
+                  pixels=lambda a, b: pixels[a:b])
+
+
+def open_stl10(path: Path, split: str) -> Source:
+    root = _readable_dir(path, "STL-10 path")
+    if (root / "stl10_binary").is_dir():
+        root = root / "stl10_binary"
+    if split not in ("train", "test", "unlabeled"):
+        raise SourceError(f"--split {split!r} does not exist for stl10; valid: train, test, unlabeled")
+    x_path = root / f"{split}_X.bin"
+    if not x_path.is_file():
+        raise SourceError(f"{str(root)!r} is not an stl10_binary folder: missing {x_path.name}")
+    per_image = 3 * STL10_SIDE * STL10_SIDE
+    size = x_path.stat().st_size
+    if size == 0 or size % per_image:
+        raise SourceError(f"{str(x_path)!r} has {size} bytes, not a multiple of {per_image} (3x96x96)")
+    n = size // per_image
+    if split == "unlabeled":
+        labels, classes = np.full(n, -1, np.int64), []
+    else:
+        y_path = root / f"{split}_y.bin"
+        if not y_path.is_file():
+            raise SourceError(f"{str(root)!r}: missing {y_path.name} for the labelled {split} split")
+        raw = np.fromfile(y_path, dtype=np.uint8)
+        if len(raw) != n or raw.min() < 1 or raw.max() > 10:
+            raise SourceError(f"{str(y_path)!r}: {len(raw)} labels in 1..10 expected {n}")
+        labels = raw.astype(np.int64) - 1  # the file stores 1..10
+        names_file = root / "class_names.txt"
+        names = names_file.read_text().split() if names_file.is_file() else list(STL10_CLASSES)
+        classes = [ClassInfo(nm, nm, i) for i, nm in enumerate(names)]
+    images = np.memmap(x_path, dtype=np.uint8, mode="r", shape=(n, 3, STL10_SIDE, STL10_SIDE))
+
+    def pixels(a: int, b: int) -> np.ndarray:
+        # Stored channel-major and, within a channel, column-major (MATLAB order): C, W, H.
+        return np.ascontiguousarray(images[a:b].transpose(0, 3, 2, 1))
+
+    return Source("stl10", str(root.resolve()), split, classes, labels, pixels=pixels)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def select_classes(source: Source, wanted: Sequence[str]) -> Source:
+    """Keep only the classes named in ``wanted`` (ids, names or a preset); labels become 0..K-1
+    in the source's class order."""
+    if not source.classes:
+        raise SourceError(f"--classes given but the {source.kind} {source.split} split is unlabelled")
+    by_key: Dict[str, int] = {}
+    for i, c in enumerate(source.classes):
+        by_key.setdefault(c.id, i)
+        by_key.setdefault(c.name, i)
+    keep = set()
+    for item in wanted:
+        if item in by_key:
+            keep.add(by_key[item])
+        else:
+            valid = ", ".join(c.id for c in source.classes[:8])
+            raise SourceError(f"class {item!r} is not in the source; valid ids include: {valid}, ... "
+                              f"({len(source.classes)} classes)")
+    old = sorted(keep)
+    remap = np.full(len(source.classes), -1, np.int64)
+    remap[old] = np.arange(len(old))
+    mask = remap[source.labels] >= 0
+    picked = np.nonzero(mask)[0]
+    files = [source.files[i] for i in picked] if source.files is not None else None
+    pixels = None
+    if source.pixels is not None:
+        base = source.pixels
+
+        def pixels(a: int, b: int) -> np.ndarray:
+            idx = picked[a:b]
+            lo = int(idx[0]) if len(idx) else 0
+            return base(lo, int(idx[-1]) + 1 if len(idx) else 0)[idx - lo]
+
+    details = dict(source.details, classes_selected=str(len(old)))
+    return Source(source.kind, source.path, source.split, [source.classes[i] for i in old],
+                  remap[source.labels[picked]], files=files, pixels=pixels, details=details)
+
+
+def parse_class_list(text: str) -> List[str]:
+    """``--classes``: a preset name, ``@file`` with one id per line, or a comma-separated list."""
+    text = text.strip()
+    if text.startswith("@"):
+        path = Path(text[1:])
+        if not path.is_file():
+            raise SourceError(f"--classes file {text[1:]!r} does not exist")
+        return [ln.split()[0] for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if "," not in text and not WNID_RE.match(text):
+        try:
+            return preset_wnids(text)
+        except ValueError:
+            pass  # a single class name, e.g. --classes cat
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def open_source(kind: str, path: str, split: str = "train", labels_file: Optional[str] = None,
+                classes: Optional[str] = None) -> Source:
+    if kind not in SOURCE_KINDS:
+        raise SourceError(f"--source {kind!r} is not known; valid: {', '.join(SOURCE_KINDS)}")
+    p = Path(path).expanduser()
+    if kind == "imagenet":
+        source = open_imagenet(p, split, labels_file)
+    elif kind == "imagefolder":
+        source = open_imagefolder(p, split)
+    elif kind == "cifar10":
+        source = open_cifar10(p, split)
+    else:
+        source = open_stl10(p, split)
+    if classes:
+        source = select_classes(source, parse_class_list(classes))
+    if len(source) == 0:
+        raise SourceError(f"{kind} source {path!r} ({split}) has no samples")
+    return source
