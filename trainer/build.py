@@ -60,10 +60,15 @@ def build_parts(cfg: Config, device: torch.device) -> Parts:
     G_ema = None
     if cfg.train.ema_half_life_kimg > 0:
         G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    o = cfg.optim
-    opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
+    opt_g, opt_d = make_optimizer(cfg, G, cfg.optim.lr_g), make_optimizer(cfg, D, cfg.optim.lr_d)
     return Parts(G, D, G_ema, opt_g, opt_d, get_loss(cfg.loss.name), constraint, g_kwargs, d_kwargs)
+
+
+def make_optimizer(cfg: Config, module: nn.Module, lr: float) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "rmsprop":
+        return torch.optim.RMSprop(module.parameters(), lr=lr)
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=(o.beta1, o.beta2))
 
 
 def lr_factor(cfg: Config, step: int) -> float:

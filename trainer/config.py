@@ -51,6 +51,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adam"            # adam | rmsprop (RMSprop is the original WGAN's optimizer)
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     beta1: float = 0.0
@@ -94,6 +95,7 @@ CHOICES = {
     "model.d_constraint": ("sn", "wn", "orth", "clip", "gp", "none"),
     "loss.name": ("hinge", "wasserstein", "ns", "minimax"),
     "optim.schedule": ("constant", "linear"),
+    "optim.name": ("adam", "rmsprop"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "data.backend": ("synthetic", "webdataset", "ffcv"),
 }
@@ -128,6 +130,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return value
     if target is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if target in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            value = target(value)
+        except ValueError:
+            pass
     if target is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, target) or (target is int and isinstance(value, bool)):
