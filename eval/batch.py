@@ -1,0 +1,199 @@
+"""Evaluate every checkpoint of a run: ``python -m eval.batch RUN_DIR [--watch]``.
+
+Walks ``RUN_DIR/checkpoints/ckpt-*/`` (complete ones: with ``meta.json``), evaluates each one not
+yet evaluated with these settings, and appends one JSON line per checkpoint to
+``RUN_DIR/eval.jsonl`` (plus ``eval/<metric>`` scalars in ``RUN_DIR/tb`` at the checkpoint's step).
+``--watch`` keeps polling for new checkpoints.
+
+Each checkpoint is evaluated once even when several evaluators run: before evaluating, an
+evaluator claims ``RUN_DIR/eval-claims/<ckpt>.<settings>.claim`` with an exclusive create, which
+only one can win. Claims stay as markers; a claim older than ``--stale-after`` without a result
+(its evaluator died) is taken over by renaming it away first, which again only one evaluator can do.
+Under ``accelerate launch`` / ``torchrun`` rank 0 claims and all ranks evaluate together.
+
+Without ``--ref`` the reference statistics of the run's dataset (``RUN_DIR/config.yaml``:
+``data.*``) are computed once and cached (:mod:`eval.reference`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from typing import List, Optional, Set
+
+if __package__ in (None, ""):  # run as a script path: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from eval import dist
+from eval.ckpt import CheckpointError, complete_checkpoints
+from eval.data import open_source
+from eval.main import EvalOptions, add_eval_args, evaluate, options_from_args
+from eval.reference import compute_reference, make_extractor
+from eval.statsfile import load_stats
+
+RESULTS = "eval.jsonl"
+CLAIMS = "eval-claims"
+
+
+def settings_tag(opts: EvalOptions, ref_key: str, family: str) -> str:
+    ident = {"metrics": sorted(opts.metrics), "n": opts.num_samples, "per_class": opts.per_class,
+             "seed": opts.seed, "which": opts.which, "ref": ref_key, "features": family}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def evaluated(run_dir: str, tag: str) -> Set[str]:
+    """Names of checkpoints with a result for these settings in eval.jsonl."""
+    done = set()
+    path = os.path.join(run_dir, RESULTS)
+    if os.path.isfile(path):
+        with open(path) as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash; the checkpoint simply counts as not done
+                if rec.get("settings") == tag:
+                    done.add(rec.get("checkpoint"))
+    return done
+
+
+def try_claim(run_dir: str, name: str, tag: str, stale_after: float) -> bool:
+    folder = os.path.join(run_dir, CLAIMS)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.{tag}.claim")
+    try:
+        if os.path.isfile(path) and time.time() - os.path.getmtime(path) > stale_after:
+            os.rename(path, f"{path}.stale-{uuid.uuid4().hex[:8]}")  # only one evaluator wins this
+    except FileNotFoundError:
+        pass
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, fh)
+    if name in evaluated(run_dir, tag):  # finished by an evaluator whose claim went stale
+        return False
+    return True
+
+
+def release_claim(run_dir: str, name: str, tag: str) -> None:
+    try:
+        os.remove(os.path.join(run_dir, CLAIMS, f"{name}.{tag}.claim"))
+    except FileNotFoundError:
+        pass
+
+
+def append_result(run_dir: str, record: dict) -> None:
+    with open(os.path.join(run_dir, RESULTS), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # whole lines even with several evaluators appending
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+        fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def log_tensorboard(run_dir: str, record: dict) -> None:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return
+    step = record.get("step") or 0
+    writer = SummaryWriter(os.path.join(run_dir, "tb"), filename_suffix=".eval")
+    for key in ("fid", "is", "kid", "intra_fid"):
+        if isinstance(record.get(key), (int, float)):
+            writer.add_scalar(f"eval/{key}", record[key], step)
+    writer.close()
+
+
+def run_config(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return {}
+    import yaml
+    with open(path) as fh:
+        return yaml.safe_load(fh) or {}
+
+
+def data_spec(cfg: dict, run_dir: str) -> str:
+    data = cfg.get("data", {})
+    backend = data.get("backend", "synthetic")
+    if backend == "synthetic":
+        return (f"synthetic:{data.get('resolution', 32)}:{data.get('synthetic_size', 50000)}:"
+                f"{data.get('synthetic_seed', 0)}")
+    if backend == "webdataset" and data.get("path"):
+        return data["path"]
+    raise ValueError(f"{run_dir}/config.yaml: cannot derive reference data from data.backend={backend!r}; "
+                     "give --ref STATS")
+
+
+def next_checkpoint(run_dir: str, tag: str, stale_after: float) -> Optional[str]:
+    done = evaluated(run_dir, tag)
+    for ckpt in complete_checkpoints(run_dir):
+        name = os.path.basename(ckpt)
+        if name not in done and try_claim(run_dir, name, tag, stale_after):
+            return ckpt
+    return None
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", help="a training run folder (with checkpoints/ and config.yaml)")
+    p.add_argument("--ref", default=None, help="reference statistics; default: computed from config.yaml's data")
+    p.add_argument("--ref-num-images", type=int, default=0, help="images for the derived reference (0: all)")
+    p.add_argument("--watch", action="store_true", help="keep evaluating new checkpoints as they land")
+    p.add_argument("--interval", type=float, default=60.0, help="seconds between polls in --watch mode")
+    p.add_argument("--max-idle", type=float, default=0.0, help="--watch: stop after this many idle seconds (0: never)")
+    p.add_argument("--stale-after", type=float, default=6 * 3600.0,
+                   help="seconds after which a claim without a result is taken over")
+    add_eval_args(p)
+    args = p.parse_args(argv)
+    opts = options_from_args(args)
+    dist.init()
+    ext = make_extractor(args, need_logits="is" in opts.metrics)
+    ref = args.ref
+    if ref is None:
+        cfg = run_config(args.run_dir)
+        source = open_source(data_spec(cfg, args.run_dir))
+        ref = compute_reference(source, ext, num_images=args.ref_num_images,
+                                per_class="intra_fid" in opts.metrics, keep_features="kid" in opts.metrics,
+                                spec=data_spec(cfg, args.run_dir))
+    tag = settings_tag(opts, load_stats(ref).cache_key or os.path.abspath(ref), ext.family)
+    idle_since = time.time()
+    while True:
+        ckpt = dist.broadcast_object(next_checkpoint(args.run_dir, tag, args.stale_after) if dist.is_main() else None)
+        if ckpt is None:
+            if not args.watch or (args.max_idle and time.time() - idle_since > args.max_idle):
+                break
+            time.sleep(args.interval)
+            continue
+        name = os.path.basename(ckpt)
+        try:
+            result = evaluate(ckpt, ref, ext, opts)
+        except CheckpointError as exc:  # this checkpoint is broken: record it, go on with the others
+            result = {"error": str(exc), "ckpt": ckpt}
+            dist.print0(f"{name}: {exc}")
+        except BaseException:
+            if dist.is_main():
+                release_claim(args.run_dir, name, tag)
+            raise
+        if dist.is_main():
+            record = {"checkpoint": name, "settings": tag, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **result}
+            append_result(args.run_dir, record)
+            if "error" not in record:
+                log_tensorboard(args.run_dir, record)
+                print(json.dumps({k: record.get(k) for k in ("checkpoint", "step", "fid", "is", "kid", "intra_fid")
+                                  if k in record}), flush=True)
+        idle_since = time.time()
+
+
+if __name__ == "__main__":
+    main()

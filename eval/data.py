@@ -1,0 +1,250 @@
+"""Real images for reference statistics, read finitely and exactly once.
+
+A *source* is a fixed, ordered list of samples; each rank reads a disjoint exact slice of it (the
+training loaders are infinite resampled streams and are not used here). Specs:
+
+- ``synthetic[:RES[:SIZE[:SEED]]]``: the embedded shapes10 dataset (defaults 32, 50000, 0), i.e.
+  ``data_pipelines.synthetic.render``; the default experiment's data.
+- a folder of images: ImageFolder layout (one sub-folder per class, labels in sorted order) or
+  flat (no labels); files in sorted path order.
+- WebDataset shards written by ``data_pipelines.prepare``: a folder holding ``*.tar`` (and usually
+  ``manifest.json``), one ``.tar``, or a glob / brace pattern; samples in shard, then tar order.
+
+``--resolution R`` resamples images that are not ``R x R`` the way the shard writer does (centre
+square, Pillow antialiased bicubic); by default images are used as stored.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import inspect
+import io
+import json
+import os
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+Batch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 images, int64 labels, int64 indices
+
+
+class DataError(ValueError):
+    """A data spec that names nothing readable."""
+
+
+def _pil_to_uint8(img, resolution: Optional[int]) -> torch.Tensor:
+    from data_pipelines.imaging import centre_square, to_rgb
+    img = to_rgb(img)
+    if resolution and img.size != (resolution, resolution):
+        img = centre_square(img, resolution)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _stack(images: List[torch.Tensor], where: str) -> torch.Tensor:
+    sizes = {tuple(x.shape) for x in images}
+    if len(sizes) > 1:
+        raise DataError(f"{where}: images of different sizes {sorted(sizes)[:3]}...; pass --resolution")
+    return torch.stack(images)
+
+
+class Source:
+    num_classes = 0
+    resolution = 0        # 0: unknown until images are read
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def digest(self) -> str:
+        """Identity of the data (for the reference-statistics cache key)."""
+        raise NotImplementedError
+
+    def batches(self, start: int, end: int, batch_size: int, workers: int = 0) -> Iterator[Batch]:
+        raise NotImplementedError
+
+
+class SyntheticSource(Source):
+    def __init__(self, resolution: int = 32, size: int = 50000, seed: int = 0):
+        from data_pipelines import synthetic
+        self._render, self.num_classes = synthetic.render, synthetic.NUM_CLASSES
+        self.resolution, self.size, self.seed = resolution, size, seed
+        self._code = hashlib.sha256(inspect.getsource(synthetic).encode()).hexdigest()[:16]
+
+    def __len__(self):
+        return self.size
+
+    def digest(self):
+        return f"synthetic:{self.resolution}:{self.size}:{self.seed}:{self._code}"
+
+    def batches(self, start, end, batch_size, workers=0):
+        for b in range(start, end, batch_size):
+            idx = list(range(b, min(b + batch_size, end)))
+            images, labels = self._render(idx, self.resolution, self.seed)
+            yield images, labels, torch.tensor(idx, dtype=torch.int64)
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    def __init__(self, files, labels, resolution):
+        self.files, self.labels, self.resolution = files, labels, resolution
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.files[i]) as img:
+            return _pil_to_uint8(img, self.resolution), self.labels[i]
+
+
+class FolderSource(Source):
+    def __init__(self, root: str, resolution: Optional[int] = None):
+        files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+                       if p.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(p))
+        if not files:
+            raise DataError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        rel = [os.path.relpath(p, root) for p in files]
+        tops = [r.split(os.sep)[0] if os.sep in r else None for r in rel]
+        if all(t is not None for t in tops):            # ImageFolder: class = top-level folder
+            classes = sorted(set(tops))
+            self.labels = [classes.index(t) for t in tops]
+            self.num_classes = len(classes)
+        else:
+            self.labels = [-1] * len(files)
+        self.root, self.files, self.rel = root, files, rel
+        self.resolution = resolution or 0
+
+    def __len__(self):
+        return len(self.files)
+
+    def digest(self):
+        h = hashlib.sha256()
+        for r, p in zip(self.rel, self.files):
+            h.update(f"{r}\0{os.path.getsize(p)}\n".encode())
+        return f"folder:{h.hexdigest()}"
+
+    def batches(self, start, end, batch_size, workers=0):
+        ds = _FileDataset(self.files[start:end], self.labels[start:end], self.resolution or None)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                                             collate_fn=lambda items: items)
+        pos = start
+        for items in loader:
+            images = _stack([x for x, _ in items], self.root)
+            labels = torch.tensor([y for _, y in items], dtype=torch.int64)
+            yield images, labels, torch.arange(pos, pos + len(items), dtype=torch.int64)
+            pos += len(items)
+
+
+def _manifest_counts(manifest: dict, shards: List[str]) -> Optional[List[int]]:
+    """Per-shard sample counts from a manifest, if it lists them for exactly these shards."""
+    entries = manifest.get("shards")
+    if not isinstance(entries, list):
+        return None
+    by_name = {}
+    for e in entries:
+        if not isinstance(e, dict):
+            return None
+        name = next((e[k] for k in ("name", "file", "path") if k in e), None)
+        count = next((e[k] for k in ("count", "num_samples", "samples", "n") if k in e), None)
+        if name is None or count is None:
+            return None
+        by_name[os.path.basename(str(name))] = int(count)
+    if set(by_name) != {os.path.basename(s) for s in shards}:
+        return None
+    return [by_name[os.path.basename(s)] for s in shards]
+
+
+class ShardSource(Source):
+    def __init__(self, spec: str, resolution: Optional[int] = None):
+        from data_pipelines import tario
+        self._tario = tario
+        manifest_path = None
+        if os.path.isdir(spec):
+            shards = sorted(glob.glob(os.path.join(spec, "*.tar")))
+            manifest_path = os.path.join(spec, "manifest.json")
+        else:
+            try:
+                from braceexpand import braceexpand
+                patterns = list(braceexpand(spec))
+            except ImportError:
+                patterns = [spec]
+            shards = sorted({p for pat in patterns for p in glob.glob(pat)})
+            manifest_path = os.path.join(os.path.dirname(shards[0]), "manifest.json") if shards else None
+        if not shards:
+            raise DataError(f"{spec}: no .tar shards found")
+        self.manifest = {}
+        if manifest_path and os.path.isfile(manifest_path):
+            with open(manifest_path, "rb") as fh:
+                raw = fh.read()
+            self.manifest = json.loads(raw)
+            self._manifest_sha = hashlib.sha256(raw).hexdigest()
+        else:
+            self._manifest_sha = ""
+        counts = _manifest_counts(self.manifest, shards)
+        if counts is None:
+            counts = [tario.count_records(s)[0] for s in shards]
+        self.shards, self.counts = shards, counts
+        self.offsets = [0] + list(np.cumsum(counts))
+        self.num_classes = int(self.manifest.get("num_classes", 0) or 0)
+        self.resolution = resolution or int(self.manifest.get("resolution", 0) or 0)
+        self._resample = resolution
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def digest(self):
+        h = hashlib.sha256(self._manifest_sha.encode())
+        for s, n in zip(self.shards, self.counts):
+            h.update(f"{os.path.basename(s)}\0{os.path.getsize(s)}\0{n}\n".encode())
+        return f"shards:{h.hexdigest()}"
+
+    def _samples(self, start: int, end: int) -> Iterator[Tuple[torch.Tensor, int, int]]:
+        from PIL import Image
+        t = self._tario
+        for k, shard in enumerate(self.shards):
+            lo, hi = self.offsets[k], self.offsets[k + 1]
+            if hi <= start or lo >= end:
+                continue
+            buf = t.read_shard(shard)
+            for i, rec in enumerate(t.iter_records(buf)):
+                g = lo + i
+                if g >= min(hi, end):
+                    break
+                if g < start:
+                    continue
+                img = t.record_image(rec)
+                if img is None:
+                    raise DataError(f"{shard}: sample {rec.key} has no image member")
+                _, off, size = img
+                with Image.open(io.BytesIO(bytes(buf[off:off + size]))) as im:
+                    yield _pil_to_uint8(im, self._resample), t.record_label(buf, rec), g
+
+    def batches(self, start, end, batch_size, workers=0):
+        images, labels, index = [], [], []
+        for x, y, g in self._samples(start, end):
+            images.append(x), labels.append(y), index.append(g)
+            if len(images) == batch_size:
+                yield _stack(images, self.shards[0]), torch.tensor(labels), torch.tensor(index)
+                images, labels, index = [], [], []
+        if images:
+            yield _stack(images, self.shards[0]), torch.tensor(labels), torch.tensor(index)
+
+
+def open_source(spec: str, resolution: Optional[int] = None) -> Source:
+    """A :class:`Source` for a data spec (see the module docstring)."""
+    if spec.startswith("synthetic"):
+        parts = spec.split(":")[1:]
+        try:
+            nums = [int(p) for p in parts]
+        except ValueError:
+            raise DataError(f"{spec!r}: expected synthetic[:RES[:SIZE[:SEED]]] with integers") from None
+        res, size, seed = (nums + [resolution or 32, 50000, 0][len(nums):])[:3]
+        return SyntheticSource(res, size, seed)
+    if os.path.isdir(spec):
+        if glob.glob(os.path.join(spec, "*.tar")):
+            return ShardSource(spec, resolution)
+        return FolderSource(spec, resolution)
+    if spec.endswith(".tar") or any(ch in spec for ch in "*?{"):
+        return ShardSource(spec, resolution)
+    raise DataError(f"{spec!r} is not synthetic[:RES[:SIZE[:SEED]]], an image folder or a shard set")

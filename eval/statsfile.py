@@ -1,0 +1,115 @@
+"""Reference statistics files (``.npz``), readable by pytorch-fid and torch-fidelity.
+
+Keys: ``mu`` (float64 ``[d]``), ``sigma`` (float64 ``[d, d]``), which is all pytorch-fid reads,
+plus ``n``, ``format``, ``extractor`` (feature family), ``dim``, ``resolution``, ``cache_key`` and
+``info`` (JSON). Optional: ``features`` (float32 ``[n, d]``, kept for KID), and per-class
+statistics for intra-FID: ``class_n`` ``[C]``, ``class_mu`` ``[C, d]`` and one ``class_sigma_<c>``
+per class. The file is written entry by entry (no need to hold every per-class covariance in
+memory at once) into a temporary file that is renamed into place, and ``np.load`` reads entries
+lazily, so an intra-FID evaluation loads one class covariance at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from typing import Iterable, Optional, Tuple
+
+import numpy as np
+
+FORMAT = "sngan-fid-stats/1"
+
+
+class StatsError(ValueError):
+    """A statistics file that is missing, unreadable or does not fit the evaluation."""
+
+
+def _write_entry(zf: zipfile.ZipFile, name: str, value) -> None:
+    with zf.open(name + ".npy", "w", force_zip64=True) as fh:
+        np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
+
+
+def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, n: int, *, extractor: str, resolution: int,
+               cache_key: str = "", info: Optional[dict] = None, features: Optional[np.ndarray] = None,
+               class_stats: Optional[Iterable[Tuple[int, np.ndarray, np.ndarray, int]]] = None,
+               num_classes: int = 0) -> None:
+    """Write a stats file atomically; ``class_stats`` yields ``(c, mu_c, sigma_c, n_c)`` lazily."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, value in (("mu", np.asarray(mu, np.float64)), ("sigma", np.asarray(sigma, np.float64)),
+                           ("n", np.int64(n)), ("format", np.str_(FORMAT)), ("extractor", np.str_(extractor)),
+                           ("dim", np.int64(len(mu))), ("resolution", np.int64(resolution)),
+                           ("cache_key", np.str_(cache_key)), ("info", np.str_(json.dumps(info or {})))):
+            _write_entry(zf, key, value)
+        if features is not None:
+            _write_entry(zf, "features", np.asarray(features, np.float32))
+        if class_stats is not None:
+            class_n = np.zeros(num_classes, np.int64)
+            class_mu = np.zeros((num_classes, len(mu)), np.float64)
+            for c, mu_c, sigma_c, n_c in class_stats:
+                class_n[c], class_mu[c] = n_c, mu_c
+                _write_entry(zf, f"class_sigma_{c}", np.asarray(sigma_c, np.float64))
+            _write_entry(zf, "class_n", class_n)
+            _write_entry(zf, "class_mu", class_mu)
+    os.replace(tmp, path)
+
+
+class ReferenceStats:
+    """A loaded stats file; large entries (features, class covariances) are read on demand."""
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise StatsError(f"reference statistics {path!r} do not exist; compute them with "
+                             f"`python -m eval.reference --data ... --out {path}`")
+        try:
+            self._npz = np.load(path, allow_pickle=False)
+            keys = set(self._npz.files)
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise StatsError(f"{path}: not a readable .npz statistics file ({exc})") from exc
+        if not {"mu", "sigma"} <= keys:
+            raise StatsError(f"{path}: has no 'mu'/'sigma' entries (it holds {sorted(keys)})")
+        self.path, self.keys = path, keys
+        self.mu = np.asarray(self._npz["mu"], np.float64)
+        self.sigma = np.asarray(self._npz["sigma"], np.float64)
+        d = self.mu.shape[0] if self.mu.ndim == 1 else -1
+        if self.mu.ndim != 1 or self.sigma.shape != (d, d):
+            raise StatsError(f"{path}: mu {self.mu.shape} and sigma {self.sigma.shape} do not form statistics")
+        self.dim = d
+        get = lambda k, default: self._npz[k].item() if k in keys else default  # noqa: E731
+        self.n = int(get("n", 0))
+        self.extractor = str(get("extractor", ""))      # "" for files from other tools
+        self.resolution = int(get("resolution", 0))
+        self.cache_key = str(get("cache_key", ""))
+        self.info = json.loads(get("info", "{}"))
+        self.num_classes = int(self._npz["class_n"].shape[0]) if "class_n" in keys else 0
+
+    @property
+    def has_features(self) -> bool:
+        return "features" in self.keys
+
+    def features(self) -> np.ndarray:
+        if not self.has_features:
+            raise StatsError(f"{self.path}: holds no features, which KID needs; recompute it with "
+                             "`python -m eval.reference ... --keep-features`")
+        return np.asarray(self._npz["features"], np.float32)
+
+    def class_stats(self, c: int) -> Tuple[np.ndarray, np.ndarray, int]:
+        if not 0 <= c < self.num_classes:
+            raise StatsError(f"{self.path}: has no statistics of class {c} (it has {self.num_classes} classes)")
+        n = int(self._npz["class_n"][c])
+        return np.asarray(self._npz["class_mu"][c]), np.asarray(self._npz[f"class_sigma_{c}"]), n
+
+    def check_compatible(self, family: str, dim: int) -> None:
+        """Refuse statistics of another feature extractor or dimension, naming both."""
+        if self.extractor and self.extractor != family:
+            raise StatsError(f"{self.path}: computed with extractor {self.extractor!r}, but this evaluation "
+                             f"uses {family!r}; recompute the reference or pick the matching --extractor")
+        if self.dim != dim:
+            raise StatsError(f"{self.path}: has {self.dim}-dimensional statistics, but extractor {family!r} "
+                             f"gives {dim}-dimensional features")
+
+
+def load_stats(path: str) -> ReferenceStats:
+    return ReferenceStats(path)
