@@ -16,7 +16,8 @@ Design choices:
 - DDP safety: u and v are updated in place under ``no_grad`` *before* being used, and the graph only
   sees clones of them. A second forward (real then fake before one backward), or DDP's buffer
   broadcast (``broadcast_buffers=True`` copies rank 0's buffers in place at every forward), therefore
-  never modifies a tensor saved for backward.
+  never modifies a tensor saved for backward. Under ``torch.compile`` the iteration is one custom
+  op returning fresh copies, so the compiler cannot save (or recompute from) the buffers instead.
 - Identical u across ranks: u and v are buffers. DDP broadcasts rank 0's buffers at construction and,
   with ``broadcast_buffers=True``, before every forward; besides, every rank holds the same W (grads
   are all-reduced) and the power iteration is deterministic, so the ranks' u would agree anyway.
@@ -41,6 +42,39 @@ def _default_dim(module: nn.Module) -> int:
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         return 1
     return 0
+
+
+def _power_iteration_(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int, eps: float) -> None:
+    """``n`` power-iteration steps on the fp32 matrix ``w``, updating u and v in place (no grad).
+
+    PyTorch's order (u from v, then v from u), so that a (u, v) state copied from
+    ``torch.nn.utils.parametrizations.spectral_norm`` gives the same outputs. The paper's
+    Algorithm 1 updates v first; it is the same alternating iteration shifted by half a step.
+    """
+    for _ in range(n):
+        u.copy_(F.normalize(torch.mv(w, v), dim=0, eps=eps))
+        v.copy_(F.normalize(torch.mv(w.t(), u), dim=0, eps=eps))
+
+
+@torch.library.custom_op("sngan::sn_power_iteration", mutates_args=("u", "v"))
+def _power_iteration_op(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int,
+                        eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The power iteration as one opaque op, used under ``torch.compile`` only.
+
+    With plain tensor ops inside a compiled graph, AOTAutograd's partitioner may save the u/v
+    *buffers* for backward and recompute the iteration from them there. The buffers are mutated by
+    then (by this very forward), so the gradient comes out silently wrong, and a second forward
+    before backward raises an in-place error; PyTorch's own ``spectral_norm`` has the same problem
+    (torch 2.14). A custom op is not recomputable, so the graph saves its fresh outputs instead.
+    """
+    with torch.no_grad(), torch.autocast(device_type=w.device.type, enabled=False):
+        _power_iteration_(w, u, v, n, eps)
+    return u.clone(), v.clone()
+
+
+@_power_iteration_op.register_fake
+def _power_iteration_fake(w, u, v, n, eps):
+    return torch.empty_like(u), torch.empty_like(v)
 
 
 class SpectralNorm(nn.Module):
@@ -89,25 +123,23 @@ class SpectralNorm(nn.Module):
 
     @torch.no_grad()
     def _power_method(self, w: torch.Tensor, n: int) -> None:
-        # PyTorch's order (u from v, then v from u), so that a (u, v) state copied from
-        # ``torch.nn.utils.parametrizations.spectral_norm`` gives the same outputs. The paper's
-        # Algorithm 1 updates v first; it is the same alternating iteration shifted by half a step.
-        for _ in range(n):
-            self._u.copy_(F.normalize(torch.mv(w, self._v), dim=0, eps=self.eps))
-            self._v.copy_(F.normalize(torch.mv(w.t(), self._u), dim=0, eps=self.eps))
+        _power_iteration_(w, self._u, self._v, n, self.eps)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        device_type = weight.device.type
-        with torch.autocast(device_type=device_type, enabled=False):
+        with torch.autocast(device_type=weight.device.type, enabled=False):
             w = self._as_matrix(weight)
-            if self.training:
-                self._power_method(w.detach(), self.n_power_iterations)
-            # Clones: the graph must not hold the buffers that the next forward / DDP overwrite.
-            u = self._u.clone(memory_format=torch.contiguous_format)
-            v = self._v.clone(memory_format=torch.contiguous_format)
+            n = self.n_power_iterations if self.training else 0
+            if torch.compiler.is_compiling():
+                # An opaque op (see ``_power_iteration_op``): the graph gets fresh u, v that the
+                # compiler can neither recompute from nor alias to the buffers.
+                u, v = torch.ops.sngan.sn_power_iteration(w.detach(), self._u, self._v, n, self.eps)
+            else:
+                if n:
+                    self._power_method(w.detach(), n)
+                # Clones: the graph must not hold the buffers that the next forward / DDP overwrite.
+                u, v = self._u.clone(), self._v.clone()
             sigma = torch.dot(u, torch.mv(w, v))
-            with torch.no_grad():
-                self.sigma.copy_(sigma.detach())
+            self.sigma.copy_(sigma.detach())
             w_sn = weight.float() / sigma
         return w_sn.to(weight.dtype)
 

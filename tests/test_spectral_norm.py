@@ -181,3 +181,22 @@ def test_layer_listing_and_sigmas():
     assert set(values) == {"0", "3"} and all(v > 0 for v in values.values())
     with pytest.raises(ValueError, match="already parametrized"):
         spectral_norm(model[0])
+
+
+def test_torch_compile_gives_eager_gradients():
+    """Compiled, the power iteration must not be recomputed in backward from the (by then updated)
+    buffers: gradients equal eager ones, also after two forwards before one backward."""
+    torch.manual_seed(7)
+    eager = spectral_norm(nn.Linear(3, 4))
+    with torch.no_grad():  # far from converged, so a recomputed iteration would change the result
+        _sn(eager)._u.copy_(F.normalize(torch.randn(4), dim=0))
+        _sn(eager)._v.copy_(F.normalize(torch.randn(3), dim=0))
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module)
+    x1, x2 = torch.randn(2, 3), torch.randn(2, 3)
+    for _ in range(2):
+        for module, fn in ((eager, eager), (compiled_module, compiled)):
+            module.zero_grad()
+            (fn(x1).pow(2).sum() + fn(x2).pow(2).sum()).backward()
+        torch.testing.assert_close(_raw(compiled_module).grad, _raw(eager).grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(_sn(compiled_module)._u, _sn(eager)._u, rtol=1e-5, atol=1e-6)
