@@ -136,59 +136,22 @@ class FolderSource(Source):
             pos += len(items)
 
 
-def _manifest_counts(manifest: dict, shards: List[str]) -> Optional[List[int]]:
-    """Per-shard sample counts from a manifest, if it lists them for exactly these shards."""
-    entries = manifest.get("shards")
-    if not isinstance(entries, list):
-        return None
-    by_name = {}
-    for e in entries:
-        if not isinstance(e, dict):
-            return None
-        name = next((e[k] for k in ("name", "file", "path") if k in e), None)
-        count = next((e[k] for k in ("count", "num_samples", "samples", "n") if k in e), None)
-        if name is None or count is None:
-            return None
-        by_name[os.path.basename(str(name))] = int(count)
-    if set(by_name) != {os.path.basename(s) for s in shards}:
-        return None
-    return [by_name[os.path.basename(s)] for s in shards]
-
-
 class ShardSource(Source):
     def __init__(self, spec: str, resolution: Optional[int] = None):
         from data_pipelines import tario
+        from data_pipelines.manifest import resolve_shards
         self._tario = tario
-        manifest_path = None
-        if os.path.isdir(spec):
-            shards = sorted(glob.glob(os.path.join(spec, "*.tar")))
-            manifest_path = os.path.join(spec, "manifest.json")
-        else:
-            try:
-                from braceexpand import braceexpand
-                patterns = list(braceexpand(spec))
-            except ImportError:
-                patterns = [spec]
-            shards = sorted({p for pat in patterns for p in glob.glob(pat)})
-            manifest_path = os.path.join(os.path.dirname(shards[0]), "manifest.json") if shards else None
-        if not shards:
-            raise DataError(f"{spec}: no .tar shards found")
-        self.manifest = {}
-        if manifest_path and os.path.isfile(manifest_path):
-            with open(manifest_path, "rb") as fh:
-                raw = fh.read()
-            self.manifest = json.loads(raw)
-            self._manifest_sha = hashlib.sha256(raw).hexdigest()
-        else:
-            self._manifest_sha = ""
-        counts = _manifest_counts(self.manifest, shards)
-        if counts is None:
-            counts = [tario.count_records(s)[0] for s in shards]
-        self.shards, self.counts = shards, counts
-        self.offsets = [0] + list(np.cumsum(counts))
-        self.num_classes = int(self.manifest.get("num_classes", 0) or 0)
-        self.resolution = resolution or int(self.manifest.get("resolution", 0) or 0)
+        try:
+            shard_set = resolve_shards(spec)  # the loaders' own rules: manifest, brace pattern or glob
+        except (FileNotFoundError, ValueError) as exc:
+            raise DataError(str(exc)) from exc
+        self.shards, self.counts = shard_set.paths, shard_set.counts
+        self.offsets = [0] + [int(v) for v in np.cumsum(self.counts)]
+        self.num_classes = shard_set.num_classes
+        self.resolution = resolution or shard_set.resolution or 0
         self._resample = resolution
+        self._manifest_sha = (hashlib.sha256(json.dumps(shard_set.manifest, sort_keys=True).encode()).hexdigest()
+                              if shard_set.manifest else "")
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -242,9 +205,9 @@ def open_source(spec: str, resolution: Optional[int] = None) -> Source:
         res, size, seed = (nums + [resolution or 32, 50000, 0][len(nums):])[:3]
         return SyntheticSource(res, size, seed)
     if os.path.isdir(spec):
-        if glob.glob(os.path.join(spec, "*.tar")):
+        if os.path.isfile(os.path.join(spec, "manifest.json")) or glob.glob(os.path.join(spec, "*.tar")):
             return ShardSource(spec, resolution)
         return FolderSource(spec, resolution)
-    if spec.endswith(".tar") or any(ch in spec for ch in "*?{"):
+    if spec.endswith((".tar", "manifest.json")) or any(ch in spec for ch in "*?{"):
         return ShardSource(spec, resolution)
     raise DataError(f"{spec!r} is not synthetic[:RES[:SIZE[:SEED]]], an image folder or a shard set")

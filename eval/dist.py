@@ -26,7 +26,8 @@ def init():
 
 
 def device() -> torch.device:
-    return torch.device(init().device)
+    dev = torch.device(init().device)
+    return torch.device("cpu") if dev.type == "cpu" else dev  # accelerate says "cpu:0" on MULTI_CPU
 
 
 def initialized() -> bool:
