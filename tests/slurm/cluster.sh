@@ -126,7 +126,9 @@ AccountingStorageHost=localhost
 AccountingStoragePort=$DBD_PORT
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0
+# Schedule at once, and look at pending jobs every second: a requeued job becomes
+# eligible cred_expire+1 s after its requeue and is then only seen by a periodic pass.
+SchedulerParameters=batch_sched_delay=0,sched_interval=1,bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 # The nodes below share this host's cores; take their sizes from this file.
