@@ -19,6 +19,9 @@ class DataConfig:
     shuffle_buffer: int = 2000
     # The SN-GAN paper trains without augmentation; horizontal flips are a common option.
     random_flip: bool = False
+    # Random square crop of this fraction of the short side, resized back to data.resolution
+    # (the projection paper's ImageNet augmentation uses 0.9); 1.0 = no random crop.
+    random_crop_ratio: float = 1.0
     # Number of distinct images of the synthetic dataset (sample i is a pure function of (seed, i)).
     synthetic_size: int = 50000
     synthetic_seed: int = 0

@@ -8,7 +8,8 @@
      "resolution": 128 | null (originals kept), "jpeg_quality": 95,
      "samples_per_shard": 1000, "shuffle_seed": 0,
      "source": {"kind": "imagenet", "path": "...", "split": "train", ...},
-     "shards": [{"name": "shard-000000.tar", "samples": 1000, "bytes": ..., "sha256": "..."}, ...],
+     "shards": [{"name": "shard-000000.tar", "samples": 1000, "bytes": ..., "sha256": "...",
+                 "index": "shard-000000.tar.idx.npy"}, ...],
      "beton": {"name": "data.beton", "samples": N, "bytes": ..., "sha256": "..."},   # ffcv only
      "skipped": {"count": 2, "items": [{"source": ".../bad.JPEG", "error": "OSError: ..."}]},
      "keys": "...", "job": {"id": "...", "spec": {...}}, "writer": {"seconds": ..., ...}}
@@ -94,7 +95,7 @@ def resolve_shards(path: str) -> ShardSet:
             raise FileNotFoundError(f"data.path {path!r} matches no shard files"
                                     + (f" ({missing[0]!r} is missing)" if missing else ""))
     counts, max_label = [], -1
-    for q in paths:  # header-only work per sample; fine for the small sets that come without manifest
+    for q in paths:  # reads every shard once; fine for the small sets that come without a manifest
         n, labels = count_records(q)
         counts.append(n)
         max_label = max([max_label, *labels])

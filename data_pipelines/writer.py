@@ -38,7 +38,7 @@ import numpy as np
 from .imaging import UndecodableImage, convert_array, convert_file
 from .manifest import MANIFEST_NAME, MANIFEST_VERSION, read_manifest, write_manifest
 from .sources import Source
-from .tario import atomic_write, build_shard, sha256_bytes
+from .tario import atomic_write, build_shard, index_path, save_index, sha256_bytes
 
 FORMATS = ("webdataset", "ffcv")
 STATE_DIR = ".prepare-state"
@@ -86,6 +86,7 @@ def _our_files(out: Path) -> List[Path]:
     names = [out / MANIFEST_NAME, out / STATE_DIR, out / STAGING_DIR, out / BETON_NAME,
              out / (BETON_NAME + ".partial")]
     names += list(out.glob("shard-*.tar")) + list(out.glob("shard-*.tar.partial"))
+    names += list(out.glob("shard-*.tar.idx.npy")) + list(out.glob("shard-*.tar.idx.npy.partial"))
     return [p for p in names if p.exists()]
 
 
@@ -145,10 +146,11 @@ def _write_shard(task: Tuple[int, str, str, np.ndarray]) -> dict:
             skipped.append({"source": where, "error": str(exc)[:300]})
             continue
         samples.append((f"{index:08d}", jpeg, int(_SOURCE.labels[index])))
-    data = build_shard(samples)
+    data, index = build_shard(samples)
+    save_index(index_path(Path(folder) / name), index)  # before the shard: a shard never lacks its index
     atomic_write(Path(folder) / name, data)
     stats = {"name": name, "samples": len(samples), "bytes": len(data), "sha256": sha256_bytes(data),
-             "skipped": skipped}
+             "index": index_path(name).name, "skipped": skipped}
     atomic_write(Path(folder) / STATE_DIR / f"{name}.json", json.dumps(stats).encode())
     return stats
 
