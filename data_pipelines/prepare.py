@@ -47,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train",
                    help="train | val (imagenet, imagefolder) | test (cifar10, stl10, imagefolder) | "
                         "unlabeled (stl10)")
-    p.add_argument("--resolution", type=_resolution, default=None, metavar="N|keep",
+    p.add_argument("--resolution", type=_resolution, default="keep", metavar="N|keep",
                    help="centre square resized to NxN (the paper uses 128 / 256 for ImageNet); "
-                        "'keep' stores the original images (default: keep)")
+                        "'keep' stores the original images")
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of re-encoded images (1..100)")
     p.add_argument("--classes", default=None,
                    help="class subset: a preset (%s), a comma-separated list of ids/names, or @FILE with one "

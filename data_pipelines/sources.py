@@ -212,9 +212,9 @@ def open_imagenet(path: Path, split: str, labels_file: Optional[str]) -> Source:
     details: Dict[str, str] = {}
     subdirs = _class_folders(root)
     if subdirs:  # train layout (or a val folder already sorted into synset folders)
+        _check_wnids([f.name for f in subdirs], f"ImageNet {split} folder {str(root)!r}")
         folders, files, labels = _folder_tree(root, f"ImageNet {split} folder")
         wnids = [f.name for f in folders]
-        _check_wnids(wnids, f"ImageNet {split} folder {str(root)!r}")
         classes = [_imagenet_class(w, names) for w in wnids]
     else:
         if split == "train":
