@@ -171,14 +171,19 @@ def split_key(name: str) -> Tuple[str, str]:
 def iter_records(buf: bytes) -> Iterator[Record]:
     """Samples of a shard in order. A damaged tail raises :class:`ShardDamaged` after the intact ones."""
     current: Optional[Record] = None
-    for name, offset, size in iter_members(buf):
-        key, ext = split_key(name)
-        if current is not None and key != current.key:
+    try:
+        for name, offset, size in iter_members(buf):
+            key, ext = split_key(name)
+            if current is not None and key != current.key:
+                yield current
+                current = None
+            if current is None:
+                current = Record(key)
+            current.members[ext] = (offset, size)
+    except ShardDamaged:
+        if current is not None:  # intact members before the damage (a sample missing one is flagged later)
             yield current
-            current = None
-        if current is None:
-            current = Record(key)
-        current.members[ext] = (offset, size)
+        raise
     if current is not None:
         yield current
 

@@ -215,11 +215,13 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        worker = info.id if info is not None else 0
         if info is not None:
             torch.set_num_threads(1)  # one core per worker; decode is single-threaded anyway
             if info.num_workers != self.workers:
                 raise RuntimeError(f"ShardStream built for {self.workers} workers runs in {info.num_workers}")
+        # The DataLoader always starts with its worker 0, but after start_batch batches the next one
+        # is due from worker start_batch % W: loader worker i plays the role of worker i + start_batch.
+        worker = ((info.id if info is not None else 0) + self.start_batch) % self.workers
         slot = self.rank * self.workers + worker
         warn = _Warner(f"webdataset rank {self.rank} worker {worker}")
         # Worker w produced batches w, w+W, ... of the rank's first start_batch batches.
