@@ -159,8 +159,14 @@ class ProjectionHead(nn.Module):
         self.embed = layers.embedding(num_classes, features, init=init) if num_classes > 0 else None
 
     def forward(self, h: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        out = self.linear(h).squeeze(1)
-        if self.embed is None:
-            return out
-        check_labels(y, self.num_classes, "the projection discriminator")
-        return out + (self.embed(y) * h).sum(dim=1)
+        if self.embed is not None:
+            check_labels(y, self.num_classes, "the projection discriminator")
+        # The head costs nothing next to the convs: run it in the parameters' own dtype with
+        # autocast off, so the logits are fp32 under bf16 autocast, conditional or not.
+        dtype = next(self.linear.parameters()).dtype
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            h = h.to(dtype)
+            out = self.linear(h).squeeze(1)
+            if self.embed is not None:
+                out = out + (self.embed(y) * h).sum(dim=1)
+        return out

@@ -27,6 +27,7 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Iterator, Tuple
 
 import torch
@@ -42,6 +43,13 @@ def _default_dim(module: nn.Module) -> int:
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         return 1
     return 0
+
+
+def _fp32_region(device_type: str):
+    """Autocast off (where the device has autocast at all; e.g. ``meta`` has none)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _power_iteration_(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int, eps: float) -> None:
@@ -67,7 +75,7 @@ def _power_iteration_op(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: in
     before backward raises an in-place error; PyTorch's own ``spectral_norm`` has the same problem
     (torch 2.14). A custom op is not recomputable, so the graph saves its fresh outputs instead.
     """
-    with torch.no_grad(), torch.autocast(device_type=w.device.type, enabled=False):
+    with torch.no_grad(), _fp32_region(w.device.type):
         _power_iteration_(w, u, v, n, eps)
     return u.clone(), v.clone()
 
@@ -99,7 +107,8 @@ class SpectralNorm(nn.Module):
         self.register_buffer("_v", v)
         # sigma of the raw weight from the last forward (for logging; not used for compute).
         self.register_buffer("sigma", torch.ones((), dtype=torch.float32))
-        self._power_method(w, warmup_iterations)
+        if not w.is_meta:  # a meta (structure-only) model has no values to iterate on
+            self._power_method(w, warmup_iterations)
 
     def _apply(self, fn, recurse=True):
         # ``module.to(torch.bfloat16)`` / ``.half()`` cast floating buffers too; u, v and sigma must
@@ -126,7 +135,7 @@ class SpectralNorm(nn.Module):
         _power_iteration_(w, self._u, self._v, n, self.eps)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=weight.device.type, enabled=False):
+        with _fp32_region(weight.device.type):
             w = self._as_matrix(weight)
             n = self.n_power_iterations if self.training else 0
             if torch.compiler.is_compiling():
