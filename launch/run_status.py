@@ -3,7 +3,8 @@
 A run folder's SLURM jobs are listed in RUN_DIR/slurm/jobs.jsonl (written by
 launch/slurm.py at submission); their states come from `sacct`. Progress comes
 from the trainer's own files: the last line of metrics.jsonl and the newest
-complete checkpoint (checkpoints/ckpt-<step>/meta.json).
+complete checkpoint (checkpoints/ckpt-<step>/meta.json); scores from the last
+line of eval.jsonl (written by eval.batch).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 # States in which a job (or its requeued run) may still produce something.
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
                  "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "PREEMPTED", "RESV_DEL_HOLD"}
 SHOWN_METRICS = ("step", "images_seen", "loss/d", "loss/g", "perf/images_per_s")
+SHOWN_EVAL = ("fid", "is", "kid", "intra_fid")
 
 
 def jobs_file(run_dir: str) -> str:
@@ -81,10 +84,10 @@ def complete_checkpoints(run_dir: str) -> list[str]:
     return list_checkpoints(os.path.join(run_dir, "checkpoints"))
 
 
-def last_metrics(run_dir: str) -> dict | None:
-    """The last complete line of metrics.jsonl (a line being written is skipped)."""
+def last_record(path: str) -> dict | None:
+    """The last complete JSON line of a .jsonl file (a line being written is skipped)."""
     try:
-        with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as fh:
+        with open(path, "rb") as fh:
             lines = fh.read().splitlines()
     except FileNotFoundError:
         return None
@@ -113,12 +116,14 @@ def collect(run_dir: str) -> dict:
 
         meta = read_meta(ckpts[-1])
         latest = {"path": ckpts[-1], "step": meta.get("step"), "images_seen": meta.get("images_seen")}
-    return {"run_dir": run_dir, "jobs": jobs, "latest_checkpoint": latest, "metrics": last_metrics(run_dir)}
+    return {"run_dir": run_dir, "jobs": jobs, "latest_checkpoint": latest,
+            "metrics": last_record(os.path.join(run_dir, "metrics.jsonl")),
+            "eval": last_record(os.path.join(run_dir, "eval.jsonl"))}
 
 
 def show(run_dir: str, as_json: bool = False) -> int:
     if not os.path.isdir(run_dir):
-        print(f"error: run folder {run_dir} does not exist")
+        print(f"error: run folder {run_dir} does not exist", file=sys.stderr)
         return 2
     info = collect(run_dir)
     if as_json:
@@ -139,6 +144,10 @@ def show(run_dir: str, as_json: bool = False) -> int:
         print("latest metrics: " + "  ".join(f"{k}={_fmt(m[k])}" for k in SHOWN_METRICS if k in m))
     else:
         print("latest metrics: none yet (no metrics.jsonl)")
+    e = info["eval"]
+    if e:
+        scores = "  ".join(f"{k}={_fmt(e[k])}" for k in SHOWN_EVAL if e.get(k) is not None)
+        print(f"latest evaluation: {e.get('checkpoint')}  {scores or 'error: ' + str(e.get('error'))}")
     return 0
 
 

@@ -123,7 +123,8 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
     ev = argparse.ArgumentParser(
         prog="python launch/slurm.py eval", formatter_class=fmt,
         description="Submit evaluation of a run's checkpoints: one job running `eval.batch RUN_DIR` over all "
-                    "of them, or with --array a SLURM array with one `eval.main CKPT` job per checkpoint.",
+                    "of them (results in RUN_DIR/eval.jsonl), or with --array a SLURM array with one "
+                    "`eval.main --ckpt CKPT` job per checkpoint (results in each array job's log).",
         epilog="Arguments after `--` are passed on to the evaluator.")
     ev.add_argument("run_dir", help="run folder (with checkpoints/)")
     ev.add_argument("--array", action="store_true", help="one array job per complete checkpoint in RUN_DIR")
@@ -327,7 +328,11 @@ def eval_plan(run_dir: str, args, after: str | None = None) -> tuple[str, str, d
         ckpts = select_checkpoints(run_dir, args.checkpoints)
         if not ckpts:
             raise SystemExit(f"error: no complete checkpoint in {run_dir}/checkpoints")
-        tasks = [EvalTask("eval.main", [c, *args.eval_args], args.gpus_per_node) for c in ckpts]
+        if "--ref" not in args.eval_args:
+            raise SystemExit("error: eval --array runs `eval.main --ckpt CKPT` per checkpoint, which needs reference "
+                             "statistics: add `-- --ref STATS.npz` (python -m eval.reference makes one; "
+                             "eval.batch, without --array, derives them from the run's config)")
+        tasks = [EvalTask("eval.main", ["--ckpt", c, *args.eval_args], args.gpus_per_node) for c in ckpts]
         what = f"eval array: {len(tasks)} checkpoint(s), one allocation each"
     else:
         tasks = [EvalTask("eval.batch", [run_dir, *args.eval_args], args.gpus_per_node)]

@@ -47,7 +47,7 @@ install_packages() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null || log "apt-get update failed; trying the install anyway"
     local rc=0
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >"$STATE/apt.log" 2>&1 || rc=$?
+    apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends "${missing[@]}" >"$STATE/apt.log" 2>&1 || rc=$?
     [ -n "$added_policy" ] && rm -f "$policy"
     [ $rc -eq 0 ] || { tail -20 "$STATE/apt.log" >&2; die "apt-get install ${missing[*]} failed (rc=$rc)"; }
 }
@@ -59,6 +59,14 @@ pid_alive() {
 }
 
 owned_pid() { cat "$OWNED/$1" 2>/dev/null || true; }
+
+# The recorded pid, if that process is still the daemon we started (slurmd-n1 -> slurmd):
+# after a reboot or a killed session the number may belong to something else.
+live_owned_pid() {
+    local pid
+    pid=$(owned_pid "$1")
+    pid_alive "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "${1%%-*}" ] && echo "$pid"
+}
 
 # Waits until a daemon has written its pid file, then records the pid as ours.
 adopt_pid_file() {
@@ -198,7 +206,7 @@ cluster_up() {
     local f
     [ -d "$OWNED" ] || return 1
     for f in slurmctld slurmdbd mariadbd "${NODES[@]/#/slurmd-}"; do
-        pid_alive "$(owned_pid "$f")" || return 1
+        [ -n "$(live_owned_pid "$f")" ] || return 1
     done
     sinfo -h >/dev/null 2>&1
 }
@@ -238,8 +246,8 @@ start() {
 
 stop_pid() {  # stop_pid NAME: TERM, wait up to 15 s, then KILL
     local name=$1 pid i
-    pid=$(owned_pid "$name")
-    if pid_alive "$pid"; then
+    pid=$(live_owned_pid "$name" || true)
+    if [ -n "$pid" ]; then
         kill -TERM "$pid" 2>/dev/null || true
         for i in $(seq 1 150); do pid_alive "$pid" || break; sleep 0.1; done
         if pid_alive "$pid"; then log "$name ($pid) ignored SIGTERM; killing"; kill -KILL "$pid" 2>/dev/null || true; fi
@@ -250,7 +258,7 @@ stop_pid() {  # stop_pid NAME: TERM, wait up to 15 s, then KILL
 stop() {
     [ -d "$OWNED" ] || { log "not running (nothing started by this script)"; return 0; }
     # Jobs first, while the daemons that end them are still up.
-    if pid_alive "$(owned_pid slurmctld)" && squeue -h -o %i 2>/dev/null | grep -q .; then
+    if [ -n "$(live_owned_pid slurmctld)" ] && squeue -h -o %i 2>/dev/null | grep -q .; then
         scancel --partition=debug 2>/dev/null || true
         local i
         for i in $(seq 1 100); do squeue -h -o %i 2>/dev/null | grep -q . || break; sleep 0.2; done

@@ -92,17 +92,20 @@ def test_eval_batch_dry_run(tmp_path, capsys):
 
 def test_eval_array_dry_run_one_job_per_complete_checkpoint(tmp_path, capsys):
     run = fake_run(tmp_path)
-    assert slurm.main(["eval", str(run), "--array", "--dry-run"]) == 0
+    assert slurm.main(["eval", str(run), "--array", "--dry-run", "--", "--ref", "r.npz"]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --array=0-1%2" in out
     assert f"--output={run}/slurm/%A_%a/%A_%a_0_log.out" in out
     runs = [line for line in out.splitlines() if line.startswith("# array job runs:")]
-    assert runs == [f"# array job runs: python -m eval.main {run}/checkpoints/ckpt-{s:09d}" for s in (2, 4)]
+    assert runs == [f"# array job runs: python -m eval.main --ckpt {run}/checkpoints/ckpt-{s:09d} --ref r.npz"
+                    for s in (2, 4)]
 
-    assert slurm.main(["eval", str(run), "--array", "--checkpoints", "4", "--dry-run"]) == 0
+    assert slurm.main(["eval", str(run), "--array", "--checkpoints", "4", "--dry-run", "--", "--ref", "r.npz"]) == 0
     assert "ckpt-000000004" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"step\(s\) \[6\].*have: \[2, 4\]"):
-        slurm.main(["eval", str(run), "--array", "--checkpoints", "4,6", "--dry-run"])
+        slurm.main(["eval", str(run), "--array", "--checkpoints", "4,6", "--dry-run", "--", "--ref", "r.npz"])
+    with pytest.raises(SystemExit, match="needs reference statistics"):
+        slurm.main(["eval", str(run), "--array", "--dry-run"])
 
 
 def test_eval_of_a_missing_run_folder(tmp_path, capsys):
@@ -128,6 +131,7 @@ def test_status_without_jobs_shows_checkpoint_and_metrics(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["latest_checkpoint"]["step"] == 4 and info["metrics"]["step"] == 4
     assert slurm.main(["status", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_requeue_bound(monkeypatch):

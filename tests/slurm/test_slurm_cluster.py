@@ -45,17 +45,24 @@ def test_submitit_job_gets_the_torch_env_on_two_nodes(tmp_path):
         assert t["CUDA_VISIBLE_DEVICES"] == ""
 
 
-def test_train_two_nodes_cpu_gloo(tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 6-step run of 2 nodes x 1 CPU task through the launcher, with checkpoints at steps 3 and 6."""
+    run = tmp_path_factory.mktemp("slurm") / "run"
     proc = launcher_bg(*CPU_ALLOC, "--exp", "default", "--out", str(run), "--wait",
                        "train.steps=6", "train.ckpt_every=3", *TINY)
     _, first_step_at = wait_until(lambda: metrics(run), 240, "the first metrics line")
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out + err
+    return run, proc.returncode, out + err, first_step_at
+
+
+def test_train_two_nodes_cpu_gloo(trained_run):
+    run, rc, output, first_step_at = trained_run
+    assert rc == 0, output
     job = jobs(run)[0]
     report("sbatch -> first training step (2 nodes x 1 CPU task)", first_step_at - job["submitted_unix"])
 
-    assert f"submitted job {job['job_id']}" in out and str(run) in out and job["stdout"] in out
+    assert f"submitted job {job['job_id']}" in output and str(run) in output and job["stdout"] in output
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5, 6]
     assert sorted(os.listdir(run / "checkpoints")) == ["ckpt-000000003", "ckpt-000000006"]
     for task in (0, 1):
@@ -69,13 +76,43 @@ def test_train_two_nodes_cpu_gloo(tmp_path):
     assert "step=6" in status.stdout and "loss/d=" in status.stdout
 
 
+# The evaluator with its small stand-in feature extractor, so that a CPU evaluates in seconds.
+EVAL_ARGS = ["--extractor", "tiny-test", "--metrics", "fid", "--num-samples", "64", "--batch-size", "32"]
+
+
+def test_eval_batch_then_array_over_checkpoints(trained_run, tmp_path, monkeypatch):
+    run, rc, _, _ = trained_run
+    assert rc == 0
+    monkeypatch.setenv("SNGAN_CACHE_DIR", str(tmp_path / "cache"))  # reference statistics land here
+    batch = launcher("eval", str(run), *CPU_ALLOC, "--wait", "--", *EVAL_ARGS, "--ref-num-images", "128")
+    assert batch.returncode == 0, batch.stdout + batch.stderr
+    with open(run / "eval.jsonl") as fh:
+        records = [json.loads(line) for line in fh]
+    assert [r["checkpoint"] for r in records] == ["ckpt-000000003", "ckpt-000000006"]
+    assert all(r["fid"] > 0 and r["world_size"] == 2 for r in records)  # both nodes evaluated together
+    status = launcher("status", str(run)).stdout
+    assert "latest evaluation: ckpt-000000006  fid=" in status
+
+    array = launcher("eval", str(run), "--array", *CPU_ALLOC, "--nodes", "1", "--wait",
+                     "--", *EVAL_ARGS, "--ref", records[0]["ref"])
+    assert array.returncode == 0, array.stdout + array.stderr
+    assert "(array of 2)" in array.stdout
+    array_jobs = [j for j in jobs(run) if j["kind"] == "eval"][1:]
+    assert [j["argv"][2] for j in array_jobs] == [str(run / "checkpoints" / f"ckpt-{s:09d}") for s in (3, 6)]
+    for j, expected in zip(array_jobs, records):
+        with open(j["stdout"]) as fh:
+            result = json.loads([line for line in fh if line.startswith("{")][-1])
+        # Same samples, same reference: the array job reproduces eval.batch's score.
+        assert result["step"] == expected["step"] and result["fid"] == pytest.approx(expected["fid"], rel=1e-6)
+
+
 def _first_job(run):
     return wait_until(lambda: os.path.exists(run / "slurm" / "jobs.jsonl") and jobs(run)[0], 120, "the submission")[0]
 
 
 def test_sigusr2_checkpoints_requeues_and_resumes(tmp_path):
     run = tmp_path / "run"
-    steps = 40
+    steps = 25
     proc = launcher_bg(*CPU_ALLOC, "--out", str(run), "--wait", f"train.steps={steps}", "train.ckpt_every=1000", *TINY)
     job = _first_job(run)
     wait_until(lambda: len(metrics(run)) >= 2, 240, "training to start")
