@@ -82,7 +82,8 @@ def _add_slurm_options(p: argparse.ArgumentParser, time_default: str, nodes_defa
     g.add_argument("--partition", default=None, help="partition (default: the cluster's default)")
     g.add_argument("--account", default=None, help="account to charge")
     g.add_argument("--qos", default=None, help="quality of service")
-    g.add_argument("--time", default=time_default, help="time limit per job run: MIN, HH:MM:SS or D-HH:MM:SS")
+    g.add_argument("--time", type=parse_time_minutes, default=time_default,
+                   help="time limit per job run: MIN, HH:MM:SS or D-HH:MM:SS")
     g.add_argument("--constraint", default=None, help="node features, e.g. 'a100|h100'")
     g.add_argument("--job-name", default=None, help="job name (default: sngan-<exp> / sngan-eval-<run>)")
     g.add_argument("--signal-delay", type=_positive, default=120, metavar="S",
@@ -146,7 +147,7 @@ def sbatch_parameters(args, job_name: str, tasks_per_node: int) -> dict:
         "nodes": args.nodes,
         "ntasks_per_node": tasks_per_node,
         "cpus_per_task": args.cpus_per_task,
-        "time": parse_time_minutes(args.time),
+        "time": args.time,  # minutes
         "signal_delay_s": args.signal_delay,
         # The job imports launch/, trainer/, eval/ from this checkout, with this Python.
         "setup": [f"export PYTHONPATH={shlex.quote(REPO)}${{PYTHONPATH:+:$PYTHONPATH}}"],
@@ -271,6 +272,8 @@ def wait_all(entries: list[dict]) -> int:
 
 
 def cmd_train(args) -> int:
+    if os.path.isfile(args.exp):  # a YAML path: the same file whatever the job's working directory
+        args.exp = os.path.abspath(args.exp)
     exp_name = os.path.splitext(os.path.basename(args.exp))[0]
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = os.path.abspath(args.out or os.path.join("runs", f"{exp_name}-{stamp}"))
@@ -285,7 +288,8 @@ def cmd_train(args) -> int:
         sys.stderr.write(errors)
         return rc
     # The evaluator gets its own, smaller allocation: one node, the eval command's default time.
-    eval_args = argparse.Namespace(**{**vars(args), "nodes": 1, "time": EVAL_TIME}, array=False, eval_args=[])
+    eval_args = argparse.Namespace(**{**vars(args), "nodes": 1, "time": parse_time_minutes(EVAL_TIME)},
+                                   array=False, eval_args=[])
     if args.dry_run:
         print_dry_run(what, run_dir, params, [task])
         print("# resolved config:\n" + config_yaml, end="")

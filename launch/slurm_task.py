@@ -129,10 +129,11 @@ class TrainTask:
         job_id = os.environ["SLURM_JOB_ID"]
         if os.environ.get("SLURM_PROCID", "0") == "0":
             log(f"checkpoint written; requeueing job {job_id} (requeue {done + 1} of at most {self.max_requeues})")
-            subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
-        deadline = time.monotonic() + REQUEUE_WAIT_S
-        while time.monotonic() < deadline:
-            time.sleep(1)
+            requeue = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+            if requeue.returncode != 0:
+                # E.g. SLURM preempted with PreemptMode=REQUEUE and is requeueing the job already.
+                log(f"scontrol requeue {job_id} failed ({requeue.stderr.strip()}); waiting for SLURM to end the job")
+        time.sleep(REQUEUE_WAIT_S)  # ended by SLURM's SIGTERM (handler above) long before this
         raise TaskFailed(f"requeue of job {job_id} requested, but SLURM did not end the job within {REQUEUE_WAIT_S}s")
 
     def checkpoint(self, *args, **kwargs):

@@ -24,6 +24,12 @@ def test_bad_time_is_rejected_with_the_formats(bad):
         slurm.parse_time_minutes(bad)
 
 
+def test_bad_time_on_the_command_line_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        slurm.main(["--time", "1h", "--dry-run"])
+    assert exc.value.code == 2 and "--time '1h': use MIN, HH:MM:SS or D-HH:MM:SS" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", [[], ["eval"], ["status"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
