@@ -28,8 +28,9 @@ import time
 import uuid
 from typing import List, Optional, Set
 
-if __package__ in (None, ""):  # run as a script path: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script path: import eval/ as the package, not its files
+    _HERE = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 from eval import dist
 from eval.ckpt import CheckpointError, complete_checkpoints
