@@ -12,6 +12,7 @@ import subprocess
 import time
 
 import pytest
+from slurm_helpers import slurm_cluster  # noqa: F401  (the fixture, used through pytestmark)
 from slurm_helpers import CPU_ALLOC, REPO, TINY, jobs, launcher, launcher_bg, metrics, report, task_log, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
