@@ -26,8 +26,13 @@ METRICS = "fid,is,kid,intra_fid"
 N, PER_CLASS = 251, 25   # not divisible by 2 ranks; intra-FID (250 samples) is a separate pass
 
 
-def launch(cmd, timeout=300):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=subprocess_env())
+def launch(make_cmd, timeout=300):
+    """Run a launcher command; once more on a fresh port if the free port was taken meanwhile."""
+    for attempt in range(2):
+        proc = subprocess.run(make_cmd(free_port()), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                              env=subprocess_env())
+        if proc.returncode == 0 or "address already in use" not in (proc.stdout + proc.stderr).lower():
+            break
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -46,9 +51,10 @@ def one_process(tmp_path_factory):
 def test_two_processes_give_the_statistics_of_one(one_process):
     tmp, ref1, ckpt, result1 = one_process
     ref2 = str(tmp / "ref2.npz")
-    launch(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()),
-            os.path.join(ROOT, "eval", "reference.py"), "--data", DATA, "--out", ref2, "--extractor", "tiny-test",
-            "--per-class", "--keep-features", "--batch-size", "64", "--workers", "0"])
+    launch(lambda port: ["torchrun", "--nproc_per_node", "2", "--master_port", str(port),
+                         os.path.join(ROOT, "eval", "reference.py"), "--data", DATA, "--out", ref2,
+                         "--extractor", "tiny-test", "--per-class", "--keep-features", "--batch-size", "64",
+                         "--workers", "0"])
     a, b = load_stats(ref1), load_stats(ref2)
     assert a.n == b.n == 601 and b.info["world_size"] == 2 and a.info["world_size"] == 1
     np.testing.assert_allclose(b.mu, a.mu, rtol=1e-12, atol=1e-14)
@@ -59,8 +65,9 @@ def test_two_processes_give_the_statistics_of_one(one_process):
             np.testing.assert_allclose(y, x, rtol=1e-10, atol=1e-13)
 
     out = str(tmp / "result2.json")
-    proc = launch(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+    proc = launch(lambda port: [
+                   "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
                    os.path.join(ROOT, "eval", "main.py"), "--ckpt", ckpt, "--ref", ref1, "--extractor", "tiny-test",
                    "--metrics", METRICS, "--num-samples", str(N), "--per-class", str(PER_CLASS),
                    "--batch-size", "32", "--kid-subsets", "5", "--kid-subset-size", "100", "--out", out])
