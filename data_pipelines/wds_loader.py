@@ -42,7 +42,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
@@ -258,18 +258,27 @@ class ShardStream(IterableDataset):
                     break
             if len(images) < batch_size:  # only in single-epoch mode: the stream ended
                 if images:
-                    yield self._stack(images), torch.tensor(labels, dtype=torch.int64), warn.count, keys
+                    yield self._stack(images), np.asarray(labels, dtype=np.int64), warn.count, keys
                 return
-            batch = self._stack(images), torch.tensor(labels, dtype=torch.int64), warn.count
+            # Labels travel as a numpy array: pickled by value, whereas a tensor would get its own
+            # shared-memory segment (~0.3 ms per batch for 2 KB).
+            batch = self._stack(images), np.asarray(labels, dtype=np.int64), warn.count
             yield (*batch, keys) if with_keys else batch
 
 
     def _stack(self, images: List[torch.Tensor]) -> torch.Tensor:
         try:
-            return torch.stack(images)
+            # In a worker this stacks straight into shared memory (the batch is not copied again to
+            # reach the training process); 15-20% of the per-image cost at 128 px otherwise.
+            return default_collate(images)
         except RuntimeError:  # an image of another size in shards that claim one resolution
             return torch.stack([img if img.shape[-2:] == (self.resolution, self.resolution) else
                                 fit_square(img, self.resolution, 1.0, None) for img in images])
+
+
+def _as_is(batch):
+    """The worker's batch unchanged (the default would turn the numpy labels into a tensor)."""
+    return batch
 
 
 class WebDatasetStream:
@@ -293,7 +302,7 @@ class WebDatasetStream:
 
     def _loader(self, dataset: ShardStream) -> DataLoader:
         workers = self.cfg.num_workers
-        return DataLoader(dataset, batch_size=None, num_workers=workers,
+        return DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
                           pin_memory=torch.cuda.is_available(),
                           prefetch_factor=4 if workers > 0 else None)
 
@@ -306,7 +315,7 @@ class WebDatasetStream:
             per_worker[j % workers] = skipped
             self.skipped = sum(per_worker)
             self.position += 1
-            yield images, labels
+            yield images, torch.from_numpy(labels)
 
     def iter_epoch(self, epoch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor, List[str]]]:
         """This rank's share of one epoch, ``(images, labels, keys)`` batches (the last ones may be
@@ -314,7 +323,7 @@ class WebDatasetStream:
         dataset = ShardStream(self.shards, self.cfg, self.batch_size, self.rank, self.world_size, self.seed,
                               epoch=epoch)
         for images, labels, _skipped, keys in self._loader(dataset):
-            yield images, labels, keys
+            yield images, torch.from_numpy(labels), keys
 
     def state_dict(self) -> dict:
         return {"batches": self.position, "skipped": self.skipped}
