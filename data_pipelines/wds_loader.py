@@ -108,16 +108,31 @@ def _mix(*numbers: int) -> int:
     return int(np.random.SeedSequence([int(n) & 0xFFFFFFFFFFFF for n in numbers]).generate_state(1)[0])
 
 
-def fit_square(img: torch.Tensor, resolution: int, crop_ratio: float, rng: Optional[random.Random]) -> torch.Tensor:
-    """uint8 [3,H,W] -> [3,R,R]: a square crop (centre; random of side ``crop_ratio`` x short side
-    when ``rng`` is given and ``crop_ratio < 1``, as in the projection paper) resized with antialias."""
+_M64 = (1 << 64) - 1
+
+
+def uniform(key: int, i: int) -> float:
+    """The ``i``-th number in [0, 1) of the sequence ``key`` (splitmix64): random access, so the
+    augmentation of a sample depends only on its position in the stream, also after a resume."""
+    z = (key + (i + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return ((z ^ (z >> 31)) >> 11) * (1.0 / (1 << 53))
+
+
+def fit_square(img: torch.Tensor, resolution: int, crop_ratio: float = 1.0,
+               crop_at: Optional[Tuple[float, float]] = None) -> torch.Tensor:
+    """uint8 [3,H,W] -> [3,R,R]: the centre square, or with ``crop_ratio < 1`` a square of that
+    fraction of the short side at relative position ``crop_at`` (two numbers in [0, 1)) as in the
+    projection paper's augmentation, resized with antialias."""
     _, h, w = img.shape
     short = min(h, w)
-    side = short if rng is None or crop_ratio >= 1.0 else max(1, int(short * crop_ratio))
-    if rng is None or crop_ratio >= 1.0:
-        top, left = (h - side) // 2, (w - side) // 2
+    if crop_ratio < 1.0 and crop_at is not None:
+        side = max(1, int(short * crop_ratio))
+        top, left = int(crop_at[0] * (h - side + 1)), int(crop_at[1] * (w - side + 1))
     else:
-        top, left = rng.randint(0, h - side), rng.randint(0, w - side)
+        side = short
+        top, left = (h - side) // 2, (w - side) // 2
     img = img[:, top:top + side, left:left + side]
     if side != resolution:
         img = TF.resize(img, [resolution, resolution], antialias=True)
@@ -227,30 +242,33 @@ class ShardStream(IterableDataset):
         # Worker w produced batches w, w+W, ... of the rank's first start_batch batches.
         produced = max(0, -(-(self.start_batch - worker) // self.workers))
         records = self._slot_stream(slot, produced * self.batch_size, warn)
-        aug_rng = random.Random(_mix(self.seed, slot, produced, 0xA06))
+        # Position of the next record in this slot's stream; augmentation draws are a function of it.
+        position, aug_key = produced * self.batch_size, _mix(self.seed, slot, 0xA06)
         with_keys = self.single_epoch is not None
         # The loop below runs once per image: names are bound locally (it is ~20% faster).
         decode_jpeg, frombuffer, uint8 = jpeg_decoder(), torch.frombuffer, torch.uint8
         shape = (3, self.resolution, self.resolution)
-        always_fit, flip, coin, batch_size = self.crop_ratio < 1.0, self.flip, aug_rng.random, self.batch_size
+        always_fit, flip, crop, batch_size = self.crop_ratio < 1.0, self.flip, self.crop_ratio, self.batch_size
         # Shards written at the training resolution are trusted to hold that size (a stray one is
         # caught when the batch is stacked); checking every image costs ~0.5 us.
         check_shape, bad_label = self.stored_resolution != self.resolution, BAD_LABEL
         while True:
             images, labels, keys = [], [], []
             for buf, offset, size, label, is_jpeg in records:
+                position += 1
                 try:
                     if size <= 0 or label == bad_label:
                         raise ValueError("record without an image or a readable label")
                     data = frombuffer(buf, dtype=uint8, count=size, offset=offset)
                     img = decode_jpeg(data) if is_jpeg else _decode_any(data)
                     if always_fit or (check_shape and img.shape != shape):
-                        img = fit_square(img, self.resolution, self.crop_ratio, aug_rng)
+                        img = fit_square(img, self.resolution, crop, (uniform(aug_key, 3 * position),
+                                                                      uniform(aug_key, 3 * position + 1)))
                 except (RuntimeError, ValueError) as exc:
                     where = key_at(buf, offset) if size > 0 else "?"
                     warn(f"skipping sample {where}: {str(exc).splitlines()[0][:200]}")
                     continue
-                images.append(img.flip(-1) if flip and coin() < 0.5 else img)
+                images.append(img.flip(-1) if flip and uniform(aug_key, 3 * position + 2) < 0.5 else img)
                 labels.append(label)
                 if with_keys:
                     keys.append(key_at(buf, offset))
@@ -273,7 +291,7 @@ class ShardStream(IterableDataset):
             return default_collate(images)
         except RuntimeError:  # an image of another size in shards that claim one resolution
             return torch.stack([img if img.shape[-2:] == (self.resolution, self.resolution) else
-                                fit_square(img, self.resolution, 1.0, None) for img in images])
+                                fit_square(img, self.resolution) for img in images])
 
 
 def _as_is(batch):

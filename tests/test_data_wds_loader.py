@@ -99,11 +99,17 @@ def test_infinite_deterministic_and_resume_exact(imagenet_shards):
     assert x.dtype == torch.float32 and -1.0 <= x.min() and x.max() <= 1.0
 
 
-def test_augmentation_and_on_the_fly_resize(imagenet_shards):
+def test_augmentation_resumes_exactly_and_on_the_fly_resize(imagenet_shards):
     path, _ = imagenet_shards
-    flipped = take(build_train_stream(cfg_for(path, random_flip=True, random_crop_ratio=0.8, num_workers=0),
-                                      batch_size=4, rank=0, world_size=1, seed=1), 3)
-    assert all(x.shape == (4, 3, R, R) for x, _ in flipped)
+    cfg = cfg_for(path, random_flip=True, random_crop_ratio=0.8)
+    augmented = take(build_train_stream(cfg, batch_size=4, rank=0, world_size=1, seed=1), 8)
+    assert all(x.shape == (4, 3, R, R) for x, _ in augmented)
+    plain = take(build_train_stream(cfg_for(path), batch_size=4, rank=0, world_size=1, seed=1), 8)
+    assert [y.tolist() for _, y in plain] == [y.tolist() for _, y in augmented]  # same samples ...
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(plain, augmented))  # ... augmented
+    # Flips and crops are a function of the sample's stream position: a resume reproduces them.
+    resumed = take(build_train_stream(cfg, batch_size=4, rank=0, world_size=1, seed=1, start_batch=5), 3)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(augmented[5:], resumed))
     small = take(build_train_stream(cfg_for(path, resolution=16, num_workers=0), batch_size=4, rank=0,
                                     world_size=1, seed=1), 2)
     assert all(x.shape == (4, 3, 16, 16) for x, _ in small)
