@@ -1,0 +1,396 @@
+"""Train and score each row of a comparison table: ``python -m eval.compare --suite seeds [--quick]``.
+
+Suites (``--suite``):
+
+- ``seeds``: the seeds' comparison: DCGAN, WGAN (weight clipping), WGAN-GP with the standard CNN
+  and with the ResNet, SN-GAN with the Wasserstein loss (CNN, ResNet) and SN-GAN with the hinge
+  loss (ResNet), each with its published hyperparameters (``launch/experiments/cifar10_*.yaml``).
+- ``normalization``: the SN-GAN paper's normalization comparison on the standard CNN (Sec. 4):
+  SN, weight normalization, orthonormal regularization, weight clipping, gradient penalty.
+
+Every row is trained for the same number of G iterations (``--steps``; each row keeps its own
+n_dis, as in the papers), then scored: ``--num-samples`` generated images against reference
+statistics of the training data, FID always and IS when the extractor has logits. A row **works**
+when (1) training finished with finite losses, (2) FID < ``--fid-threshold`` and (3) it has not
+collapsed: the generated features' total variance ``tr(Sigma_g)`` is at least
+``--min-variance-ratio`` of the data's ``tr(Sigma_r)``. The table (markdown) is printed and
+written to ``OUT/compare.md`` with the numbers in ``OUT/compare.json``; each row's run folder is
+``OUT/<experiment>/`` (a rerun reuses finished runs, so an interrupted comparison continues).
+
+Full size (GPUs): the experiments' own data (``--data-path``, CIFAR-10 WebDataset shards), their
+widths and batch sizes, 50000 samples, Inception features (``--ref``: a stats file from
+``python -m eval.reference``; without it the statistics of the data are computed and cached).
+Rows train one after another, each with ``--launcher`` (e.g. ``"accelerate launch --multi_gpu
+--num_processes 8"``) or in this process.
+
+``--quick`` sizes it for a CPU: the embedded shapes10 data at 32 px, unconditional, narrow
+models, a small batch, ``--steps`` 100 G iterations, 1000 samples, and the ``shapes10-cnn``
+extractor (``eval/shapes_classifier.py``: Inception runs at about one image per second on a busy
+2-core CPU) with "works" at FID_shapes < 5 (see ``QUICK`` for the calibration). Quick numbers
+measure only whether each recipe learns *something* on a toy data set in a tiny budget: FID at
+N=1000 is biased upward (see the "real data" row, two disjoint real sets of N images) and
+comparable only within the table, never with published Inception FIDs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script path: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Interrupted(RuntimeError):
+    """A row's training was stopped by a signal."""
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    exp: str
+
+
+SUITES: Dict[str, List[Row]] = {
+    "seeds": [
+        Row("DCGAN", "cifar10_dcgan"),
+        Row("WGAN (weight clipping)", "cifar10_wgan"),
+        Row("WGAN-GP, CNN", "cifar10_wgangp_cnn"),
+        Row("WGAN-GP, ResNet", "cifar10_wgangp_resnet"),
+        Row("SN-GAN, Wasserstein, CNN", "cifar10_sngan_w_cnn"),
+        Row("SN-GAN, Wasserstein, ResNet", "cifar10_sngan_w_resnet"),
+        Row("SN-GAN, hinge, ResNet", "cifar10_sngan_hinge_resnet"),
+    ],
+    "normalization": [
+        Row("SN (spectral normalization)", "cifar10_sngan_cnn"),
+        Row("WN (weight normalization)", "cifar10_wn"),
+        Row("orthonormal regularization", "cifar10_orth"),
+        Row("weight clipping", "cifar10_wgan"),
+        Row("gradient penalty", "cifar10_wgangp_cnn"),
+    ],
+}
+
+# --quick: every row on the embedded data, unconditional, at a CPU-sized width and batch.
+QUICK_DATA = ["data.backend=synthetic", "data.resolution=32", "model.num_classes=0"]
+QUICK_WIDTH = {"cnn32": 16, "dcgan32": 16, "resnet32": 16}
+# The quick FID threshold is in shapes10-cnn units (real features have mean variance 1 per dimension).
+# Calibration at N=1000 (no GAN involved): two disjoint real sets 0.13; real images with 2 of the 10
+# classes missing 2.8, with 5 missing 18.5, one class only 150; an untrained ResNet G 534.
+QUICK = dict(steps=100, num_samples=1000, batch_size=32, extractor="shapes10-cnn", fid_threshold=5.0)
+FULL = dict(steps=0, num_samples=50000, batch_size=0, extractor="inception", fid_threshold=50.0)
+
+
+def row_overrides(exp: str, quick: bool, steps: int, batch_size: int, data_path: Optional[str],
+                  width: int = 0) -> List[str]:
+    """The trainer overrides that size one row."""
+    from trainer.config import load_config
+    cfg = load_config(exp)
+    out = []
+    if quick:
+        out += QUICK_DATA
+        out += [f"model.g_ch={width or QUICK_WIDTH.get(cfg.model.g, 16)}",
+                f"model.d_ch={width or QUICK_WIDTH.get(cfg.model.d, 16)}"]
+    elif data_path:
+        out.append(f"data.path={data_path}")
+    if batch_size:
+        out += [f"train.batch_size={batch_size}", "train.g_batch_size=0"]
+    steps = steps or cfg.train.steps
+    every = max(1, steps // 10)
+    out += [f"train.steps={steps}", f"train.ckpt_every={steps}", f"train.sample_every={steps}",
+            f"train.log_every={every}", "train.keep_ckpts=1"]
+    if quick:
+        out.append("train.progress=false")
+    return out
+
+
+def train_row(exp: str, run_dir: str, overrides: Sequence[str], launcher: Optional[str]) -> int:
+    """Train one row (resuming a partial run); returns the trainer's exit status."""
+    argv = ["--exp", exp, "--out", run_dir, *overrides]
+    if launcher:
+        cmd = [*shlex.split(launcher), os.path.join(ROOT, "trainer", "main.py"), *argv]
+        with open(os.path.join(run_dir, "train.log"), "a") as log:
+            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    from trainer.main import main as train_main
+    return train_main(argv)
+
+
+def finished_checkpoint(run_dir: str, steps: int) -> Optional[str]:
+    from eval.ckpt import complete_checkpoints
+    found = [c for c in complete_checkpoints(run_dir) if c.endswith(f"ckpt-{steps:09d}")]
+    return found[-1] if found else None
+
+
+class Scorer:
+    """Features of N generated or real images; FID / IS / variance ratio against the reference."""
+
+    def __init__(self, ext, n: int, batch_size: int = 100, seed: int = 0):
+        self.ext, self.n, self.batch_size, self.seed = ext, n, batch_size, seed
+        self.ref = None  # (mu, sigma)
+
+    def real_stats(self, source, start: int):
+        from eval.collect import Collector
+        from eval.dist import device
+        col = Collector(self.ext, device())
+        for images, _, index in source.batches(start, start + self.n, self.batch_size):
+            col.add(images, None, index)
+        return col.finish().stats.mean_cov()
+
+    def set_reference(self, source, cache: Optional[str] = None) -> None:
+        from eval.statsfile import StatsError, load_stats, save_stats
+        if cache and os.path.isfile(cache):
+            try:
+                ref = load_stats(cache)
+                if ref.extractor == self.ext.family and ref.n == self.n:
+                    self.ref = (ref.mu, ref.sigma)
+                    return
+            except StatsError:
+                pass
+        self.ref = self.real_stats(source, 0)
+        if cache:
+            save_stats(cache, *self.ref, self.n, extractor=self.ext.family, resolution=source.resolution,
+                       info={"note": "eval.compare reference: the first N images"})
+
+    def load_reference(self, path: str) -> None:
+        from eval.statsfile import load_stats
+        ref = load_stats(path)
+        ref.check_compatible(self.ext.family, self.ext.dim)
+        self.ref = (ref.mu, ref.sigma)
+
+    def score(self, mu, sigma, logits: Optional[torch.Tensor] = None) -> dict:
+        from eval.stats import frechet_distance, inception_score
+        out = {"fid": frechet_distance(mu, sigma, *self.ref),
+               "variance_ratio": float(np.trace(sigma) / np.trace(self.ref[1]))}
+        if logits is not None:
+            out["is"], out["is_std"] = inception_score(logits, 10)
+        return out
+
+    def generated(self, gen_path: str) -> dict:
+        from eval.collect import Collector
+        from eval.dist import device
+        from eval.generate import Plan, balanced_counts, generate, rank_batches
+        from models.export import load_generator
+        G, _ = load_generator(gen_path, device=device())
+        k = int(getattr(G, "num_classes", 0) or 0)
+        plan = Plan(balanced_counts(self.n, k), k > 0, self.seed)
+        keep_logits = self.ext.num_logits > 0
+        col = Collector(self.ext, device(), keep_logits=keep_logits)
+        for idx, cls, within in rank_batches(plan, 0, plan.total, self.batch_size):
+            col.add(generate(G, plan, idx, cls, within, device()), None, idx)
+        res = col.finish()
+        return self.score(*res.stats.mean_cov(), res.logits)
+
+
+def verdict(r: dict, threshold: float, min_ratio: float) -> str:
+    if r.get("exit") != 0:
+        return "does not work (diverged)" if r.get("exit") == 1 else f"failed (exit {r.get('exit')})"
+    fid = r.get("fid", math.inf)
+    if not math.isfinite(fid):
+        return "does not work (non-finite FID)"
+    if r["variance_ratio"] < min_ratio:
+        return f"does not work (collapsed: variance ratio {r['variance_ratio']:.2f})"
+    if fid >= threshold:
+        return f"does not work (FID >= {threshold:g})"
+    return "works"
+
+
+def table(rows: Sequence[dict], args, floor: Optional[dict]) -> str:
+    has_is = any("is" in r for r in rows)
+    head = ["row", "experiment", "loss", "D constraint", "n_dis", "G steps", "train s", f"FID ({args.extractor})"]
+    head += [f"IS ({args.extractor})"] if has_is else []
+    head += ["var. ratio", "works?"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+
+    def fmt(x, spec):
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+    if floor is not None:
+        cells = ["real data (held-out N)", "-", "-", "-", "-", "-", "-", fmt(floor["fid"], ".2f")]
+        cells += [fmt(floor.get("is"), ".2f")] if has_is else []
+        cells += [fmt(floor["variance_ratio"], ".2f"), "(reference)"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for r in rows:
+        cells = [r["name"], f"`{r['exp']}`", r["loss"], r["constraint"], str(r["n_dis"]), str(r["steps"]),
+                 fmt(r.get("train_seconds"), ".0f"), fmt(r.get("fid"), ".2f")]
+        cells += [fmt(r.get("is"), ".2f")] if has_is else []
+        cells += [fmt(r.get("variance_ratio"), ".2f"), r["verdict"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    mode = "quick (CPU)" if args.quick else "full"
+    lines.append("")
+    lines.append(f"Mode {mode}; {args.num_samples} samples per row; extractor `{args.extractor}`. Works = training "
+                 f"finished with finite losses, FID < {args.fid_threshold:g} and feature variance ratio "
+                 f"tr(Sigma_g)/tr(Sigma_r) >= {args.min_variance_ratio:g} (no collapse).")
+    if args.quick:
+        lines.append(f"FID at N={args.num_samples} is biased upward (see the real-data row) and comparable only "
+                     "within this table.")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--suite", default="seeds", choices=sorted(SUITES), help="which table")
+    p.add_argument("--quick", action="store_true", help="CPU size: embedded data, narrow models, tiny budget")
+    p.add_argument("--rows", default=None, help="comma-separated experiment names: only these rows")
+    p.add_argument("--out", default=None, help="output folder (default: runs/compare-<suite>[-quick])")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"G iterations per row (default: quick {QUICK['steps']}, full: each experiment's own)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"D batch per row (default: quick {QUICK['batch_size']}, full: each experiment's own)")
+    p.add_argument("--width", type=int, default=0,
+                   help=f"quick mode: base width of G and D (0: per architecture, {QUICK_WIDTH})")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help=f"samples per row for FID/IS (default: quick {QUICK['num_samples']}, "
+                        f"full {FULL['num_samples']})")
+    p.add_argument("--extractor", default=None,
+                   help=f"feature extractor (default: quick {QUICK['extractor']}, full {FULL['extractor']})")
+    p.add_argument("--ref", default=None, help="full mode: reference statistics .npz of the training data "
+                                               "(default: computed from the data and cached)")
+    p.add_argument("--data-path", default=None, help="full mode: training data shards (default: each "
+                                                     "experiment's data.path)")
+    p.add_argument("--fid-threshold", type=float, default=None,
+                   help=f"'works' needs FID below this (default: quick {QUICK['fid_threshold']:g}, "
+                        f"full {FULL['fid_threshold']:g})")
+    p.add_argument("--min-variance-ratio", type=float, default=0.25,
+                   help="'works' needs tr(Sigma_g)/tr(Sigma_r) at least this (below: collapsed)")
+    p.add_argument("--launcher", default=None, help="train each row in a subprocess with this command, e.g. "
+                                                   "'accelerate launch --multi_gpu --num_processes 8' "
+                                                   "(default: in this process)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the scored samples")
+    p.add_argument("--no-floor", action="store_true", help="skip the real-data row (saves N feature passes)")
+    return p
+
+
+def resolve_defaults(args) -> None:
+    base = QUICK if args.quick else FULL
+    for key in ("steps", "batch_size", "num_samples", "extractor", "fid_threshold"):
+        if getattr(args, key) is None:
+            setattr(args, key, base[key])
+    if args.out is None:
+        args.out = os.path.join("runs", f"compare-{args.suite}" + ("-quick" if args.quick else ""))
+
+
+def select_rows(suite: str, names: Optional[str]) -> List[Row]:
+    rows = SUITES[suite]
+    if not names:
+        return rows
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = {r.exp: r for r in rows}
+    bad = [n for n in wanted if n not in known]
+    if bad:
+        raise ValueError(f"--rows {bad} are not in suite {suite!r}; valid: {', '.join(known)}")
+    return [known[n] for n in wanted]
+
+
+def run(args) -> List[dict]:
+    from eval import dist
+    from eval.data import open_source
+    from eval.extractors import build_extractor
+    from eval import shapes_classifier  # noqa: F401  (registers the shapes10-cnn extractor)
+    from trainer.config import load_config
+
+    rows = select_rows(args.suite, args.rows)
+    if args.num_samples < 2:
+        raise ValueError(f"--num-samples must be at least 2, got {args.num_samples}")
+    for flag in ("steps", "batch_size", "width"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    os.makedirs(args.out, exist_ok=True)
+    results = []
+    for row in rows:
+        overrides = row_overrides(row.exp, args.quick, args.steps, args.batch_size, args.data_path, args.width)
+        cfg = load_config(row.exp, overrides)
+        run_dir = os.path.join(args.out, row.exp)
+        os.makedirs(run_dir, exist_ok=True)
+        r = {"name": row.name, "exp": row.exp, "loss": cfg.loss.name, "constraint": cfg.model.d_constraint,
+             "n_dis": cfg.train.n_dis, "steps": cfg.train.steps, "run_dir": run_dir, "overrides": overrides}
+        ckpt = finished_checkpoint(run_dir, cfg.train.steps)
+        if ckpt is None:
+            print(f"[compare] training {row.name} ({row.exp}) for {cfg.train.steps} G steps -> {run_dir}", flush=True)
+            t0 = time.time()
+            r["exit"] = train_row(row.exp, run_dir, overrides, args.launcher)
+            r["train_seconds"] = time.time() - t0
+            with open(os.path.join(run_dir, "train_seconds.txt"), "w") as fh:
+                fh.write(f"{r['train_seconds']:.1f}\n")
+            ckpt = finished_checkpoint(run_dir, cfg.train.steps)
+            if r["exit"] == 75:  # a stop signal: the trainer checkpointed; the same command continues
+                raise Interrupted(f"stopped while training {row.exp} (checkpoint written); run the same "
+                                  "command again to continue")
+        else:
+            r["exit"] = 0
+            timing = os.path.join(run_dir, "train_seconds.txt")
+            r["train_seconds"] = float(open(timing).read()) if os.path.isfile(timing) else None
+            print(f"[compare] {row.name}: reusing {ckpt}", flush=True)
+        if r["exit"] == 0 and ckpt is None:
+            r["exit"] = -1  # stopped early (e.g. a stop signal) without the final checkpoint
+        r["ckpt"] = ckpt
+        results.append(r)
+
+    dist.init()
+    ext = build_extractor(args.extractor, dist.device(), need_logits=False)
+    source = open_source("synthetic:32") if args.quick else None
+    scorer = Scorer(ext, args.num_samples, seed=args.seed)
+    floor = None
+    if args.ref:
+        scorer.load_reference(args.ref)
+    else:
+        if source is None:
+            data = args.data_path or load_config(rows[0].exp).data.path
+            source = open_source(data)
+        if len(source) < args.num_samples * (1 if args.no_floor else 2):
+            raise ValueError(f"the data has {len(source)} images; the reference and the real-data row need "
+                             f"{2 * args.num_samples} (or pass --no-floor / fewer --num-samples)")
+        safe = ext.family.replace("/", "_")
+        scorer.set_reference(source, os.path.join(args.out, f"reference-{safe}-{args.num_samples}.npz"))
+        if not args.no_floor:
+            floor = scorer.score(*scorer.real_stats(source, args.num_samples))
+    for r in results:
+        if r["exit"] == 0:
+            t0 = time.time()
+            r.update(scorer.generated(os.path.join(r["ckpt"], "generator.safetensors")))
+            r["score_seconds"] = time.time() - t0
+            print(f"[compare] {r['name']}: FID {r['fid']:.2f} ({r['score_seconds']:.0f}s)", flush=True)
+        r["verdict"] = verdict(r, args.fid_threshold, args.min_variance_ratio)
+    text = table(results, args, floor)
+    if dist.is_main():
+        with open(os.path.join(args.out, "compare.md"), "w") as fh:
+            fh.write(text + "\n")
+        with open(os.path.join(args.out, "compare.json"), "w") as fh:
+            json.dump({"suite": args.suite, "quick": args.quick, "num_samples": args.num_samples,
+                       "extractor": ext.name, "feature_family": ext.family, "fid_threshold": args.fid_threshold,
+                       "min_variance_ratio": args.min_variance_ratio, "real_floor": floor, "rows": results},
+                      fh, indent=1)
+        print(text, flush=True)
+    return results
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    resolve_defaults(args)
+    from eval.extractors import ExtractorUnavailable
+    from trainer.config import ConfigError
+    try:
+        run(args)
+    except (ValueError, ConfigError, ExtractorUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        print(f"[compare] {exc}", file=sys.stderr)
+        return 75
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
