@@ -181,6 +181,7 @@ def read_results(run):
         return [json.loads(line) for line in fh]
 
 
+@pytest.mark.slow
 def test_batch_evaluates_each_checkpoint_once_with_two_evaluators(env):
     tmp, ext, ref = env
     run = tmp / "run_batch"

@@ -48,6 +48,7 @@ def one_process(tmp_path_factory):
     return tmp, ref, ckpt, evaluate(ckpt, ref, ext, opts)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_statistics_of_one(one_process):
     tmp, ref1, ckpt, result1 = one_process
     ref2 = str(tmp / "ref2.npz")
@@ -89,6 +90,7 @@ def test_metrics_have_sensible_values(one_process):
     assert result["intra_fid"] == pytest.approx(np.mean(result["intra_fid_classes"]))
 
 
+@pytest.mark.slow
 def test_script_paths_have_help():
     for script in ("main.py", "batch.py"):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval", script), "--help"],
