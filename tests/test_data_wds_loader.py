@@ -86,6 +86,14 @@ def test_infinite_deterministic_and_resume_exact(imagenet_shards):
     a = take(build_train_stream(cfg, batch_size=2, rank=1, world_size=2, seed=7), 9)
     b = take(build_train_stream(cfg, batch_size=2, rank=1, world_size=2, seed=7), 9)
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    # Workers reuse a ring of shared buffers: batches held by the caller must not change later.
+    held, sums = [], []
+    it = iter(build_train_stream(cfg, batch_size=2, rank=1, world_size=2, seed=7))
+    for _ in range(30):
+        images, _ = next(it)
+        held.append(images)
+        sums.append(int(images.sum()))
+    assert [int(x.sum()) for x in held] == sums
     other = take(build_train_stream(cfg, batch_size=2, rank=1, world_size=2, seed=8), 9)
     assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, other))
     stream = build_train_stream(cfg, batch_size=2, rank=1, world_size=2, seed=7, start_batch=5)
