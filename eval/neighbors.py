@@ -87,10 +87,11 @@ class TopK:
         gathered = {n: dist.gather_rows(t.to(dev), counts) for n, t in rows.items()}
         if not dist.is_main():
             return
-        merged = TopK(self.dist.shape[0], self.k)
-        merged.update(gathered["dist"].cpu().t(), {n: gathered[n].cpu().transpose(0, 1)
-                                                    for n in self.extra})
-        self.dist, self.extra = merged.dist, merged.extra
+        # Here every query has its own candidates ([Q, ranks * k]), unlike a data batch's columns.
+        both = gathered["dist"].cpu().t()
+        self.dist, pos = both.topk(min(self.k, both.shape[1]), dim=1, largest=False, sorted=True)
+        rows = torch.arange(both.shape[0]).unsqueeze(1).expand_as(pos)
+        self.extra = {n: gathered[n].cpu().transpose(0, 1)[rows, pos] for n in self.extra}
 
 
 def search(queries: torch.Tensor, source, D: Optional[torch.nn.Module], k: int = 5,

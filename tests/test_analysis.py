@@ -22,6 +22,7 @@ from eval.discriminator import load_discriminator
 from models.export import save_generator
 
 from conftest import ROOT, TINY
+from eval_helpers import free_port
 
 
 def make_run(run_dir, *overrides, step=3):
@@ -163,6 +164,49 @@ def test_neighbors_cli_generated_queries(runs, tmp_path, capsys):
     assert neighbors.main([*bad, "--data", "synthetic:32:50", "--spaces", "phi,colour"]) == 2
     assert neighbors.main([*bad, "--data", "synthetic:16:50"]) == 2
     assert "pass --resolution 32" in capsys.readouterr().err
+
+
+def write_shards(folder, n=150, per_shard=50):
+    """WebDataset tars in the data_pipelines.prepare layout (KEY.img.jpg + KEY.cls)."""
+    import io
+    import tarfile
+    from PIL import Image
+    from data_pipelines.synthetic import render
+    images, labels = render(range(n), 32, 0)
+    os.makedirs(folder, exist_ok=True)
+    for k in range(0, n, per_shard):
+        path = os.path.join(folder, f"shard-{k // per_shard:06d}.tar")
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(k, min(k + per_shard, n)):
+                buf = io.BytesIO()
+                Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=90)
+                members = ((f"{i:05d}.img.jpg", buf.getvalue()), (f"{i:05d}.cls", str(int(labels[i])).encode()))
+                for name, payload in members:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_two_process_search_over_shards_equals_one_process(runs, tmp_path):
+    shards = write_shards(tmp_path / "shards")
+    common = ["--ckpt", runs["sn"][0], "--data", shards, "--k", "4", "--query-indices", "5,77,149",
+              "--batch-size", "16"]
+    assert neighbors.main([*common, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                           os.path.join(ROOT, "eval", "neighbors.py"), *common, "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("images/s") == 1  # rank 0 reports
+    one, two = (json.loads((tmp_path / d / "neighbors.json").read_text()) for d in ("one", "two"))
+    assert one["world_size"] == 1 and two["world_size"] == 2 and one["images"] == two["images"] == 150
+    for space in ("phi", "pixel"):
+        a, b = one["spaces"][space], two["spaces"][space]
+        assert a["index"] == b["index"] and [r[0] for r in a["index"]] == [5, 77, 149]
+        torch.testing.assert_close(torch.tensor(b["distance"]), torch.tensor(a["distance"]), rtol=1e-5, atol=1e-5)
+        assert all(r[0] <= 1e-5 * r[1] for r in b["distance"])
 
 
 # ----------------------------------------------------------------------------- grids
