@@ -107,12 +107,12 @@ def row_overrides(exp: str, quick: bool, steps: int, batch_size: int, data_path:
         out.append(f"data.path={data_path}")
     if batch_size:
         out += [f"train.batch_size={batch_size}", "train.g_batch_size=0"]
-    steps = steps or cfg.train.steps
-    every = max(1, steps // 10)
-    out += [f"train.steps={steps}", f"train.ckpt_every={steps}", f"train.sample_every={steps}",
-            f"train.log_every={every}", "train.keep_ckpts=1"]
-    if quick:
-        out.append("train.progress=false")
+    if steps:
+        out.append(f"train.steps={steps}")
+    if quick:  # one checkpoint and one sample grid at the end; full runs keep their checkpoint schedule
+        steps = steps or cfg.train.steps
+        out += [f"train.ckpt_every={steps}", f"train.sample_every={steps}",
+                f"train.log_every={max(1, steps // 10)}", "train.keep_ckpts=1", "train.progress=false"]
     return out
 
 
@@ -195,7 +195,9 @@ class Scorer:
 
 def verdict(r: dict, threshold: float, min_ratio: float) -> str:
     if r.get("exit") != 0:
-        return "does not work (diverged)" if r.get("exit") == 1 else f"failed (exit {r.get('exit')})"
+        if r.get("exit") == 1:
+            return "does not work (diverged: non-finite loss)"
+        return f"failed ({r['error']})" if "error" in r else f"failed (trainer exit {r.get('exit')})"
     fid = r.get("fid", math.inf)
     if not math.isfinite(fid):
         return "does not work (non-finite FID)"
@@ -269,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "'accelerate launch --multi_gpu --num_processes 8' "
                                                    "(default: in this process)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the scored samples")
-    p.add_argument("--no-floor", action="store_true", help="skip the real-data row (saves N feature passes)")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the real-data row (N more real images against the reference; it is also skipped "
+                        "when the data has fewer than 2N images)")
     return p
 
 
@@ -294,13 +298,88 @@ def select_rows(suite: str, names: Optional[str]) -> List[Row]:
     return [known[n] for n in wanted]
 
 
-def run(args) -> List[dict]:
+def check_data(cfg) -> None:
+    """Fail before training anything when a row's shards are missing (full mode)."""
+    if cfg.data.backend != "webdataset":
+        return
+    from data_pipelines.manifest import resolve_shards
+    try:
+        resolve_shards(cfg.data.path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"{cfg.exp}: data.path={cfg.data.path!r} has no readable shards ({exc}); prepare them "
+                         "(see the experiment YAML) or pass --data-path") from exc
+
+
+def train_rows(rows: Sequence[Row], args) -> List[dict]:
+    """Train every row that has no final checkpoint yet; returns one record per row."""
+    from trainer.config import load_config
+    configs = []
+    for row in rows:
+        overrides = row_overrides(row.exp, args.quick, args.steps, args.batch_size, args.data_path, args.width)
+        cfg = load_config(row.exp, overrides)
+        check_data(cfg)
+        configs.append((row, overrides, cfg))
+    results = []
+    for row, overrides, cfg in configs:
+        run_dir = os.path.join(args.out, row.exp)
+        os.makedirs(run_dir, exist_ok=True)
+        r = {"name": row.name, "exp": row.exp, "loss": cfg.loss.name, "constraint": cfg.model.d_constraint,
+             "n_dis": cfg.train.n_dis, "steps": cfg.train.steps, "run_dir": run_dir, "overrides": overrides}
+        timing = os.path.join(run_dir, "train_seconds.txt")
+        ckpt = finished_checkpoint(run_dir, cfg.train.steps)
+        if ckpt is not None:
+            r["exit"] = 0
+            r["train_seconds"] = float(open(timing).read()) if os.path.isfile(timing) else None
+            print(f"[compare] {row.name}: reusing {ckpt}", flush=True)
+        else:
+            print(f"[compare] training {row.name} ({row.exp}) for {cfg.train.steps} G steps -> {run_dir}", flush=True)
+            t0 = time.time()
+            try:
+                r["exit"] = train_row(row.exp, run_dir, overrides, args.launcher)
+            except Exception as exc:  # one broken row must not take the table down
+                r["exit"], r["error"] = -2, f"{type(exc).__name__}: {exc}"
+                print(f"[compare] {row.name} failed: {r['error']}", file=sys.stderr, flush=True)
+            r["train_seconds"] = time.time() - t0
+            with open(timing, "w") as fh:
+                fh.write(f"{r['train_seconds']:.1f}\n")
+            if r["exit"] == 75:  # a stop signal: the trainer checkpointed; the same command continues
+                raise Interrupted(f"stopped while training {row.exp} (checkpoint written); run the same "
+                                  "command again to continue")
+            ckpt = finished_checkpoint(run_dir, cfg.train.steps)
+            if r["exit"] == 0 and ckpt is None:
+                r["exit"] = -1  # reported success without the final checkpoint
+        r["ckpt"] = ckpt
+        results.append(r)
+    return results
+
+
+def make_scorer(args, rows: Sequence[Row]):
+    """The scorer with its reference statistics, and the real-data row (or None)."""
     from eval import dist
     from eval.data import open_source
     from eval.extractors import build_extractor
     from eval import shapes_classifier  # noqa: F401  (registers the shapes10-cnn extractor)
     from trainer.config import load_config
+    dist.init()
+    ext = build_extractor(args.extractor, dist.device(), need_logits=False)
+    scorer = Scorer(ext, args.num_samples, seed=args.seed)
+    if args.ref:
+        scorer.load_reference(args.ref)
+        return scorer, None
+    data = "synthetic:32" if args.quick else (args.data_path or load_config(rows[0].exp).data.path)
+    source = open_source(data)
+    if len(source) < args.num_samples:
+        raise ValueError(f"{data} has {len(source)} images, fewer than --num-samples {args.num_samples}")
+    safe = ext.family.replace("/", "_")
+    scorer.set_reference(source, os.path.join(args.out, f"reference-{safe}-{args.num_samples}.npz"))
+    floor = None
+    if not args.no_floor and len(source) >= 2 * args.num_samples:
+        floor = scorer.score(*scorer.real_stats(source, args.num_samples))
+    return scorer, floor
 
+
+def run(args) -> List[dict]:
+    from eval import dist
     rows = select_rows(args.suite, args.rows)
     if args.num_samples < 2:
         raise ValueError(f"--num-samples must be at least 2, got {args.num_samples}")
@@ -308,54 +387,8 @@ def run(args) -> List[dict]:
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     os.makedirs(args.out, exist_ok=True)
-    results = []
-    for row in rows:
-        overrides = row_overrides(row.exp, args.quick, args.steps, args.batch_size, args.data_path, args.width)
-        cfg = load_config(row.exp, overrides)
-        run_dir = os.path.join(args.out, row.exp)
-        os.makedirs(run_dir, exist_ok=True)
-        r = {"name": row.name, "exp": row.exp, "loss": cfg.loss.name, "constraint": cfg.model.d_constraint,
-             "n_dis": cfg.train.n_dis, "steps": cfg.train.steps, "run_dir": run_dir, "overrides": overrides}
-        ckpt = finished_checkpoint(run_dir, cfg.train.steps)
-        if ckpt is None:
-            print(f"[compare] training {row.name} ({row.exp}) for {cfg.train.steps} G steps -> {run_dir}", flush=True)
-            t0 = time.time()
-            r["exit"] = train_row(row.exp, run_dir, overrides, args.launcher)
-            r["train_seconds"] = time.time() - t0
-            with open(os.path.join(run_dir, "train_seconds.txt"), "w") as fh:
-                fh.write(f"{r['train_seconds']:.1f}\n")
-            ckpt = finished_checkpoint(run_dir, cfg.train.steps)
-            if r["exit"] == 75:  # a stop signal: the trainer checkpointed; the same command continues
-                raise Interrupted(f"stopped while training {row.exp} (checkpoint written); run the same "
-                                  "command again to continue")
-        else:
-            r["exit"] = 0
-            timing = os.path.join(run_dir, "train_seconds.txt")
-            r["train_seconds"] = float(open(timing).read()) if os.path.isfile(timing) else None
-            print(f"[compare] {row.name}: reusing {ckpt}", flush=True)
-        if r["exit"] == 0 and ckpt is None:
-            r["exit"] = -1  # stopped early (e.g. a stop signal) without the final checkpoint
-        r["ckpt"] = ckpt
-        results.append(r)
-
-    dist.init()
-    ext = build_extractor(args.extractor, dist.device(), need_logits=False)
-    source = open_source("synthetic:32") if args.quick else None
-    scorer = Scorer(ext, args.num_samples, seed=args.seed)
-    floor = None
-    if args.ref:
-        scorer.load_reference(args.ref)
-    else:
-        if source is None:
-            data = args.data_path or load_config(rows[0].exp).data.path
-            source = open_source(data)
-        if len(source) < args.num_samples * (1 if args.no_floor else 2):
-            raise ValueError(f"the data has {len(source)} images; the reference and the real-data row need "
-                             f"{2 * args.num_samples} (or pass --no-floor / fewer --num-samples)")
-        safe = ext.family.replace("/", "_")
-        scorer.set_reference(source, os.path.join(args.out, f"reference-{safe}-{args.num_samples}.npz"))
-        if not args.no_floor:
-            floor = scorer.score(*scorer.real_stats(source, args.num_samples))
+    results = train_rows(rows, args)
+    scorer, floor = make_scorer(args, rows)
     for r in results:
         if r["exit"] == 0:
             t0 = time.time()
@@ -369,9 +402,9 @@ def run(args) -> List[dict]:
             fh.write(text + "\n")
         with open(os.path.join(args.out, "compare.json"), "w") as fh:
             json.dump({"suite": args.suite, "quick": args.quick, "num_samples": args.num_samples,
-                       "extractor": ext.name, "feature_family": ext.family, "fid_threshold": args.fid_threshold,
-                       "min_variance_ratio": args.min_variance_ratio, "real_floor": floor, "rows": results},
-                      fh, indent=1)
+                       "extractor": scorer.ext.name, "feature_family": scorer.ext.family,
+                       "fid_threshold": args.fid_threshold, "min_variance_ratio": args.min_variance_ratio,
+                       "real_floor": floor, "rows": results}, fh, indent=1)
         print(text, flush=True)
     return results
 
