@@ -24,7 +24,8 @@ rate, which other jobs on the machine do not distort the way they distort wall t
 * ``bare PIL decode``: ``Image.open(...).convert("RGB")`` over the same bytes, for reference;
 * ``imagefolder``: ``torchvision.datasets.ImageFolder`` + PIL + ``PILToTensor`` + DataLoader
   (shuffled, default collate): the usual baseline;
-* ``webdataset``: our loader (``data.backend=webdataset``, shuffle buffer 2000);
+* ``webdataset``: our loader (``data.backend=webdataset``, shuffle buffer 2000), one worker;
+* ``webdataset in-proc``: the same with ``num_workers=0`` (no hand-over between processes);
 * ``ffcv``: our FFCV loader (``data.backend=ffcv``), where ffcv is installed.
 
 Each repetition runs every contender over ``--images`` images in turn (interleaved, so a change in
@@ -145,8 +146,8 @@ def imagefolder(folder: Path, batch: int):
         yield from loader
 
 
-def ours(backend: str, path: Path, resolution: int, batch: int):
-    cfg = DataConfig(backend=backend, path=str(path), resolution=resolution, num_workers=1, shuffle_buffer=2000)
+def ours(backend: str, path: Path, resolution: int, batch: int, workers: int = 1):
+    cfg = DataConfig(backend=backend, path=str(path), resolution=resolution, num_workers=workers, shuffle_buffer=2000)
     return iter(build_train_stream(cfg, batch_size=batch, rank=0, world_size=1, seed=0))
 
 
@@ -200,6 +201,7 @@ def bench_set(name: str, folder: Path, shards: Path, beton: Path | None, resolut
         "bare PIL decode": bare_pil(blobs, args.batch),
         "imagefolder": imagefolder(folder, args.batch),
         "webdataset": ours("webdataset", shards, resolution, args.batch),
+        "webdataset in-proc": ours("webdataset", shards, resolution, args.batch, workers=0),
     }
     if beton is not None:
         contenders["ffcv"] = ours("ffcv", beton, resolution, args.batch)

@@ -237,15 +237,17 @@ class ShardStream(IterableDataset):
             if info.num_workers != self.workers:
                 raise RuntimeError(f"ShardStream built for {self.workers} workers runs in {info.num_workers}")
         self._ring, self._ring_next = None, 0
-        if info is not None:
+        if info is not None and self.single_epoch is None:
             # Batches go to the training process through shared memory. A fresh segment per batch
-            # costs ~50 us per 128 px image in page faults (a third of decoding it); a ring of
-            # segments is faulted in once. The DataLoader lets a worker run at most PREFETCH batches
-            # ahead of what the training process has taken, and the stream copies each batch when
-            # it takes it (or the pin-memory thread does), so a buffer is free again after
-            # PREFETCH + 1 batches; the ring has PREFETCH + _RING_EXTRA.
+            # costs ~50 us per 128 px image in page faults (a third of decoding it), and passing its
+            # file descriptor ~3 ms per batch; so a worker stacks into a ring of segments, each
+            # sent once and afterwards named by its ring index (WebDatasetStream keeps the
+            # mappings). The DataLoader lets a worker run at most PREFETCH batches ahead of what
+            # the training process has taken, and the stream copies each batch when it takes it,
+            # so a buffer is free again after PREFETCH + 1 batches; the ring has PREFETCH + _RING_EXTRA.
             self._ring = [torch.empty((self.batch_size, 3, self.resolution, self.resolution),
                                       dtype=torch.uint8).share_memory_() for _ in range(PREFETCH + _RING_EXTRA)]
+        sent: set = set()
         # The DataLoader always starts with its worker 0, but after start_batch batches the next one
         # is due from worker start_batch % W: loader worker i plays the role of worker i + start_batch.
         worker = ((info.id if info is not None else 0) + self.start_batch) % self.workers
@@ -292,8 +294,16 @@ class ShardStream(IterableDataset):
                 return
             # Labels travel as a numpy array: pickled by value, whereas a tensor would get its own
             # shared-memory segment (~0.3 ms per batch for 2 KB).
-            batch = self._stack(images), np.asarray(labels, dtype=np.int64), warn.count
-            yield (*batch, keys) if with_keys else batch
+            labels = np.asarray(labels, dtype=np.int64)
+            if with_keys:
+                yield self._stack(images), labels, warn.count, keys
+            elif self._ring is None:
+                yield self._stack(images), -1, labels, warn.count
+            else:
+                ring_index = self._ring_next
+                batch = self._stack(images)
+                yield (None if ring_index in sent else batch), ring_index, labels, warn.count
+                sent.add(ring_index)
 
 
     def _stack(self, images: List[torch.Tensor]) -> torch.Tensor:
@@ -334,18 +344,26 @@ class WebDatasetStream:
 
     def _loader(self, dataset: ShardStream) -> DataLoader:
         workers = self.cfg.num_workers
+        # No pin_memory thread: it would replace the shared ring buffers by copies before this
+        # stream could keep their mappings; _owning_copy copies into pinned memory instead.
         return DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                          pin_memory=torch.cuda.is_available(),
                           prefetch_factor=PREFETCH if workers > 0 else None)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         workers = max(1, self.cfg.num_workers)
         per_worker = [0] * workers
+        rings: dict = {}  # (worker, ring index) -> that worker's shared buffer, mapped here
         dataset = ShardStream(self.shards, self.cfg, self.batch_size, self.rank, self.world_size, self.seed,
                               self.position)
         own = self._owning_copy()
-        for j, (images, labels, skipped) in enumerate(self._loader(dataset)):
-            per_worker[j % workers] = skipped
+        for j, (images, ring_index, labels, skipped) in enumerate(self._loader(dataset)):
+            worker = j % workers  # an endless stream: the DataLoader takes the workers in turn
+            if ring_index >= 0:
+                if images is None:
+                    images = rings[worker, ring_index]
+                else:
+                    rings[worker, ring_index] = images
+            per_worker[worker] = skipped
             self.skipped = sum(per_worker)
             self.position += 1
             yield own(images), torch.from_numpy(labels)
@@ -360,11 +378,11 @@ class WebDatasetStream:
             yield own(images), torch.from_numpy(labels), keys
 
     def _owning_copy(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Worker batches live in a ring of shared buffers that the worker reuses: take a copy,
-        unless the pin-memory thread already made one (on machines with CUDA)."""
-        if self.cfg.num_workers > 0 and not torch.cuda.is_available():
-            return torch.Tensor.clone
-        return _as_is
+        """Worker batches live in buffers that the worker reuses: hand out a copy, in pinned memory
+        where CUDA is available (what the DataLoader's pin-memory thread would do)."""
+        if self.cfg.num_workers == 0:
+            return _as_is
+        return torch.Tensor.pin_memory if torch.cuda.is_available() else torch.Tensor.clone
 
     def state_dict(self) -> dict:
         return {"batches": self.position, "skipped": self.skipped}
