@@ -6,6 +6,9 @@ three times with identical weights: with our ``models.spectral_norm`` (fp32 powe
 One timed step is forward + backward of D on a batch (what a D update costs besides the optimizer).
 The variants are interleaved within every repetition (so a change in machine load hits all three
 alike) and the median of the repetitions is reported, with the ratios ours/torch and ours/none.
+A second table times SN alone: all W_SN of D computed and a gradient backpropagated through them,
+no convolutions; it shows the SN cost itself, which in a full step at batch 64 can be smaller than
+the run-to-run noise.
 
 Run from the repository root, e.g. ``python benchmarks/sn_overhead.py --device cuda``.
 """
@@ -53,18 +56,46 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(model: nn.Module, x: torch.Tensor, y, autocast, device: torch.device, clock) -> float:
-    model.zero_grad(set_to_none=True)
-    synchronize(device)
-    start = clock()
-    with autocast():
-        logits = model(x, y)
-    logits.float().mean().backward()
-    synchronize(device)
-    return clock() - start
+def interleaved_medians(steps: dict, reps: int, warmup: int, device: torch.device, clock) -> dict:
+    """Median time of each ``steps[variant]()``, the variants interleaved within every repetition
+    and the one going first rotated, so that a change of machine load hits all of them alike."""
+    names = list(steps)
+    times = {v: [] for v in names}
+    for rep in range(warmup + reps):
+        k = rep % len(names)
+        for variant in names[k:] + names[:k]:
+            synchronize(device)
+            start = clock()
+            steps[variant]()
+            synchronize(device)
+            if rep >= warmup:
+                times[variant].append(clock() - start)
+    return {v: statistics.median(t) for v, t in times.items()}
 
 
-def run(resolution: int, batch: int, args, device: torch.device) -> dict:
+def d_step(model: nn.Module, x: torch.Tensor, y, autocast):
+    """Forward + backward of D on a batch."""
+    def step():
+        model.zero_grad(set_to_none=True)
+        with autocast():
+            logits = model(x, y)
+        logits.float().mean().backward()
+    return step
+
+
+def sn_only_step(model: nn.Module, device: torch.device):
+    """Only what SN adds: every W_SN computed (power iteration included) and a fixed gradient
+    backpropagated from it to the raw weights, without any convolution."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding))]
+    grads = [torch.randn_like(m.weight, device=device) for m in layers]
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        torch.autograd.backward([m.weight for m in layers], grads)
+    return step
+
+
+def run(resolution: int, batch: int, args, device: torch.device):
     torch.manual_seed(0)
     name = MODELS[resolution]
     ch = args.ch_128 if resolution == 128 else None
@@ -80,18 +111,13 @@ def run(resolution: int, batch: int, args, device: torch.device) -> dict:
     else:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
         autocast = lambda: torch.autocast(device.type, dtype=dtype)  # noqa: E731
-
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    times = {v: [] for v in VARIANTS}
-    for rep in range(args.warmup + args.reps):
-        order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]  # rotate who goes first
-        for variant in order:
-            elapsed = time_step(models[variant], x, y, autocast, device, clock)
-            if rep >= args.warmup:
-                times[variant].append(elapsed)
-    med = {v: statistics.median(t) for v, t in times.items()}
-    return {"model": name + (f" ch={ch}" if ch else ""), "batch": batch, "median": med,
-            "spread": {v: (min(t), max(t)) for v, t in times.items()}}
+
+    full = interleaved_medians({v: d_step(models[v], x, y, autocast) for v in VARIANTS},
+                               args.reps, args.warmup, device, clock)
+    sn_only = interleaved_medians({v: sn_only_step(models[v], device) for v in ("ours", "torch")},
+                                  args.sn_only_reps, args.warmup, device, clock)
+    return name + (f" ch={ch}" if ch else ""), full, sn_only
 
 
 def main() -> None:
@@ -110,6 +136,8 @@ def main() -> None:
                         help="power-iteration steps per forward, both SN variants")
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions first")
+    parser.add_argument("--sn-only-reps", type=int, default=200,
+                        help="timed repetitions of the SN-alone measurement")
     parser.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
                         help="run the forward under torch.autocast with this dtype")
     parser.add_argument("--channels-last", action="store_true",
@@ -137,16 +165,25 @@ def main() -> None:
     print(f"# SN overhead: D forward+backward, {name}, torch {torch.__version__}, "
           f"autocast={args.autocast}, channels_last={args.channels_last}, {args.clock} clock, "
           f"median of {args.reps} interleaved reps\n")
+    results = [(r, *run(r, args.batch if r == 32 else args.batch_128, args, device))
+               for r in resolutions]
+    print("D forward + backward on a batch:\n")
     print("| model | batch | ours (ms) | torch SN (ms) | none (ms) | ours/torch | ours/none "
           "| torch/none |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in resolutions:
-        res = run(r, args.batch if r == 32 else args.batch_128, args, device)
-        m = {v: 1e3 * t for v, t in res["median"].items()}
-        print(f"| {res['model']} | {res['batch']} | {m['ours']:.2f} | {m['torch']:.2f} "
-              f"| {m['none']:.2f} | {m['ours'] / m['torch']:.3f} | {m['ours'] / m['none']:.3f} "
-              f"| {m['torch'] / m['none']:.3f} |", flush=True)
-
+    for r, model, full, _ in results:
+        m = {v: 1e3 * t for v, t in full.items()}
+        batch = args.batch if r == 32 else args.batch_128
+        print(f"| {model} | {batch} | {m['ours']:.2f} | {m['torch']:.2f} | {m['none']:.2f} "
+              f"| {m['ours'] / m['torch']:.3f} | {m['ours'] / m['none']:.3f} "
+              f"| {m['torch'] / m['none']:.3f} |")
+    print("\nSN alone (every W_SN and its backward, no convolutions; median of "
+          f"{args.sn_only_reps}):\n")
+    print("| model | ours (ms) | torch SN (ms) | ours/torch |")
+    print("|---|---:|---:|---:|")
+    for r, model, _, sn in results:
+        print(f"| {model} | {1e3 * sn['ours']:.3f} | {1e3 * sn['torch']:.3f} "
+              f"| {sn['ours'] / sn['torch']:.3f} |")
 
 if __name__ == "__main__":
     main()

@@ -15,8 +15,8 @@ Design choices:
   spectral norm. The backward of W / sigma is written out in closed form (``_DivideBySigma``):
   three weight-sized passes instead of autograd's eight or so, which is most of what SN costs in a
   D step; it is itself differentiable (gradient penalties on an SN D).
-- DDP safety: u and v are updated in place under ``no_grad`` *before* being used, and the graph only
-  sees clones of them. A second forward (real then fake before one backward), or DDP's buffer
+- DDP safety: u and v are updated in place *before* being used, and the graph only sees fresh
+  copies of them. A second forward (real then fake before one backward), or DDP's buffer
   broadcast (``broadcast_buffers=True`` copies rank 0's buffers in place at every forward), therefore
   never modifies a tensor saved for backward. Under ``torch.compile`` the iteration is one custom
   op returning fresh copies, so the compiler cannot save (or recompute from) the buffers instead.
@@ -30,7 +30,7 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,28 +48,41 @@ def _default_dim(module: nn.Module) -> int:
 
 
 def _fp32_region(device_type: str):
-    """Autocast off (where the device has autocast at all; e.g. ``meta`` has none)."""
-    if torch.amp.is_autocast_available(device_type):
+    """Autocast off where it is on (entering an autocast context costs microseconds per layer;
+    ``meta`` has no autocast at all)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 
 
-def _power_iteration_(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int, eps: float) -> None:
-    """``n`` power-iteration steps on the fp32 matrix ``w``, updating u and v in place (no grad).
+def _power_iteration(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int,
+                     eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n >= 1`` power-iteration steps on the fp32 matrix ``w`` (no graph: ``w`` is detached).
+
+    The buffers u, v are updated in place; the returned u, v are *fresh* tensors with the same
+    values (what the autograd graph may keep), and sigma = ||W^T u||, which equals u^T W v for the
+    returned pair since v = W^T u / ||W^T u|| (one matrix-vector product less than computing it).
 
     PyTorch's order (u from v, then v from u), so that a (u, v) state copied from
     ``torch.nn.utils.parametrizations.spectral_norm`` gives the same outputs. The paper's
     Algorithm 1 updates v first; it is the same alternating iteration shifted by half a step.
     """
+    v_new = v
     for _ in range(n):
-        u.copy_(F.normalize(torch.mv(w, v), dim=0, eps=eps))
-        v.copy_(F.normalize(torch.mv(w.t(), u), dim=0, eps=eps))
+        wv = torch.mv(w, v_new)
+        u_new = wv / torch.linalg.vector_norm(wv).clamp_min(eps)
+        wtu = torch.mv(w.t(), u_new)
+        sigma = torch.linalg.vector_norm(wtu)
+        v_new = wtu / sigma.clamp_min(eps)
+    u.copy_(u_new)
+    v.copy_(v_new)
+    return u_new, v_new, sigma
 
 
 @torch.library.custom_op("sngan::sn_power_iteration", mutates_args=("u", "v"))
 def _power_iteration_op(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int,
-                        eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The power iteration as one opaque op, used under ``torch.compile`` only.
+                        eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_power_iteration`` as one opaque op, used under ``torch.compile`` only.
 
     With plain tensor ops inside a compiled graph, AOTAutograd's partitioner may save the u/v
     *buffers* for backward and recompute the iteration from them there. The buffers are mutated by
@@ -78,13 +91,14 @@ def _power_iteration_op(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: in
     (torch 2.14). A custom op is not recomputable, so the graph saves its fresh outputs instead.
     """
     with torch.no_grad(), _fp32_region(w.device.type):
-        _power_iteration_(w, u, v, n, eps)
-    return u.clone(), v.clone()
+        if n == 0:  # eval mode
+            return u.clone(), v.clone(), _sigma(w, u, v)
+        return _power_iteration(w, u, v, n, eps)
 
 
 @_power_iteration_op.register_fake
 def _power_iteration_fake(w, u, v, n, eps):
-    return torch.empty_like(u), torch.empty_like(v)
+    return torch.empty_like(u), torch.empty_like(v), w.new_empty(())
 
 
 def _matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -100,43 +114,53 @@ def _unmatrix(matrix: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tenso
     """Inverse of ``_matrix``: back to the shape of ``like``."""
     if like.ndim == 1:
         return matrix.reshape(like.shape)
-    moved = like.movedim(dim, 0).shape if dim != 0 else like.shape
-    return matrix.reshape(moved).movedim(0, dim) if dim != 0 else matrix.reshape(moved)
+    if dim == 0:
+        return matrix.reshape(like.shape)
+    return matrix.reshape(like.movedim(dim, 0).shape).movedim(0, dim)
 
 
 class _DivideBySigma(torch.autograd.Function):
-    """W_SN = W / sigma with sigma = u^T W v, u and v constants; returns (W_SN, sigma).
+    """(W, u, v, sigma) -> (W / sigma, sigma), where sigma is the value of u^T W v (u, v constants).
 
-    The backward is the paper's gradient (Sec. 2.1, Eq. 12), written out:
-    dL/dW = (G - <G, W_SN> u v^T) / sigma, with G = dL/dW_SN (plus dL/dsigma u v^T if sigma is
-    used). It takes three passes over a
-    weight-sized tensor (a dot, a division, a rank-1 update), where autograd through ``W / sigma``
-    and ``u . (W v)`` takes about eight (the SN cost in a D step is mostly these passes). The
-    backward is made of differentiable ops, so double backward (gradient penalties) works.
+    The backward is the paper's gradient (Sec. 2.1, Eq. 12) written out, with d sigma / dW = u v^T:
+    dL/dW = G / sigma + (dL/dsigma - <G, W_SN> / sigma) u v^T, G = dL/dW_SN. That is three passes
+    over a weight-sized tensor (a dot, a division, a rank-1 update) where autograd through
+    ``W / sigma`` and ``u . (W v)`` takes about eight, and they are most of what SN costs in a D step.
+    sigma is returned as an output of this function so that the backward, made of differentiable
+    ops, also has the right derivatives (double backward).
     """
 
     @staticmethod
-    def forward(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int):
-        sigma = torch.dot(u, torch.mv(_matrix(weight, dim), v))
-        return weight / sigma, sigma
+    def forward(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
+                dim: int):
+        return weight / sigma, sigma.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, u, v, dim = inputs
+        _, u, v, _, dim = inputs
         w_sn, sigma = output
         ctx.dim = dim
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(w_sn, u, v, sigma)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor, grad_sigma: torch.Tensor):
-        # sigma stays differentiable (d sigma / dW = u v^T) so that second derivatives are right.
+    def backward(ctx, grad: Optional[torch.Tensor], grad_sigma: Optional[torch.Tensor]):
         w_sn, u, v, sigma = ctx.saved_tensors
-        with _fp32_region(grad.device.type):
-            grad = grad.to(w_sn.dtype)
-            along_w = torch.dot(grad.reshape(-1), w_sn.reshape(-1))  # <G, W_SN>
-            scale = grad_sigma - along_w / sigma
-            g = torch.addr(_matrix(grad, ctx.dim) / sigma, u * scale, v)
-            return _unmatrix(g, grad, ctx.dim), None, None, None
+        if grad is None and grad_sigma is None:
+            return None, None, None, None, None
+        with _fp32_region(w_sn.device.type):
+            if grad is None:
+                g = torch.outer(u * grad_sigma, v)
+            else:
+                scale = torch.dot(grad.reshape(-1), w_sn.reshape(-1)).div(sigma).neg()
+                if grad_sigma is not None:
+                    scale = scale + grad_sigma
+                g = torch.addr(_matrix(grad, ctx.dim) / sigma, u * scale, v)
+            return _unmatrix(g, w_sn, ctx.dim), None, None, None, None
+
+
+def _sigma(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.dot(u, torch.mv(w, v))
 
 
 class SpectralNorm(nn.Module):
@@ -181,23 +205,26 @@ class SpectralNorm(nn.Module):
 
     @torch.no_grad()
     def _power_method(self, w: torch.Tensor, n: int) -> None:
-        _power_iteration_(w, self._u, self._v, n, self.eps)
+        _power_iteration(w, self._u, self._v, n, self.eps)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         with _fp32_region(weight.device.type):
             w32 = weight.float()
             w = _matrix(w32.detach(), self.dim)
-            n = self.n_power_iterations if self.training else 0
             if torch.compiler.is_compiling():
                 # An opaque op (see ``_power_iteration_op``): the graph gets fresh u, v that the
                 # compiler can neither recompute from nor alias to the buffers.
-                u, v = torch.ops.sngan.sn_power_iteration(w, self._u, self._v, n, self.eps)
-            else:
-                if n:
-                    self._power_method(w, n)
-                # Clones: the graph must not hold the buffers that the next forward / DDP overwrite.
+                n = self.n_power_iterations if self.training else 0
+                u, v, sigma = torch.ops.sngan.sn_power_iteration(w, self._u, self._v, n, self.eps)
+            elif not self.training:
+                # Clones: the graph must not hold the buffers that DDP may overwrite.
                 u, v = self._u.clone(), self._v.clone()
-            w_sn, sigma = _DivideBySigma.apply(w32, u, v, self.dim)
+                sigma = _sigma(w, u, v)
+            else:
+                # Fresh u, v: the next forward and DDP's broadcast overwrite the buffers only.
+                u, v, sigma = _power_iteration(w, self._u, self._v, self.n_power_iterations,
+                                               self.eps)
+            w_sn, sigma = _DivideBySigma.apply(w32, u, v, sigma, self.dim)
             self.sigma.copy_(sigma.detach())
         return w_sn.to(weight.dtype)
 

@@ -11,6 +11,7 @@ from models import (ConditionalBatchNorm2d, DLayers, ProjectionHead, build_discr
 from models.export import load_generator, save_generator
 from models.spectral_norm import SpectralNorm
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """These tensors are tiny: intra-op threads only add OpenMP overhead, which on a busy 2-core

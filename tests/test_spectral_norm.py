@@ -222,13 +222,16 @@ def test_torch_compile_gives_eager_gradients():
 def test_backward_passes_gradcheck(shape, dim):
     """W / (u^T W v) with u, v held constant: our closed-form backward against finite differences,
     first and second order (the latter for gradient penalties on an SN discriminator)."""
-    from models.spectral_norm import _DivideBySigma, _matrix
+    from models.spectral_norm import _DivideBySigma, _matrix, _sigma
     torch.manual_seed(8)
     weight = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     rows, cols = _matrix(weight.detach(), dim).shape
     u = F.normalize(torch.randn(rows, dtype=torch.float64), dim=0)
     v = F.normalize(torch.randn(cols, dtype=torch.float64), dim=0)
-    fn = lambda w: _DivideBySigma.apply(w, u, v, dim)[0]  # noqa: E731
+
+    def fn(w):  # sigma's value recomputed from w, as the forward does; u, v constant
+        return _DivideBySigma.apply(w, u, v, _sigma(_matrix(w.detach(), dim), u, v), dim)  # W_SN, sigma
+
     assert torch.autograd.gradcheck(fn, (weight,))
     assert torch.autograd.gradgradcheck(fn, (weight,))
 
