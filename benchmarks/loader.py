@@ -68,7 +68,10 @@ def unpack_cifar(tar_path: Path, work: Path) -> Path:
     if not (dest / "train").is_dir():
         dest.mkdir(parents=True, exist_ok=True)
         with tarfile.open(tar_path) as tar:
-            tar.extractall(dest, filter="data")
+            try:
+                tar.extractall(dest, filter="data")
+            except TypeError:  # Python without extraction filters (< 3.10.12)
+                tar.extractall(dest)
     return dest / "train"
 
 
