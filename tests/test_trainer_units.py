@@ -57,3 +57,15 @@ def test_mixed_precision_training_keeps_sn_fp32(tmp_path, precision):
     assert all(torch.isfinite(state[k]).all() for k in state if state[k].is_floating_point())
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(last["loss/d"]) and math.isfinite(last["loss/g"])
+
+
+@pytest.mark.slow
+def test_in_process_training_restores_signal_handlers(tmp_path):
+    """eval.compare (and tests) call the trainer in-process: afterwards SIGTERM must act as before,
+    or forked workers (multiprocessing pools) inherit a handler that ignores it and hang."""
+    import signal
+
+    from trainer.main import main
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    assert main(["--out", str(tmp_path), *TINY, "train.steps=1", "train.resume=none"]) == 0
+    assert {s: signal.getsignal(s) for s in before} == before

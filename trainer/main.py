@@ -52,6 +52,7 @@ class StopFlag:
 
     def __init__(self):
         self.signal_name = None
+        self._previous = {}
 
     def __call__(self) -> bool:
         return self.signal_name is not None
@@ -62,9 +63,17 @@ class StopFlag:
             if sig is None:
                 continue
             try:
-                signal.signal(sig, self._handle)
+                self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: the caller handles signals
                 return
+
+    def restore(self) -> None:
+        """Put back the handlers found at install(): a process that called train() in-process (a
+        test, eval.compare) must not keep a handler that ignores SIGTERM, or its forked workers
+        inherit it and can no longer be terminated."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -120,6 +129,7 @@ def train(cfg, out=None, before_run=None):
             dist.print0(f"[trainer] done: samples in {os.path.join(run_dir, 'samples')}, "
                         f"checkpoints in {os.path.join(run_dir, 'checkpoints')}")
     finally:
+        stop.restore()
         if dist.initialized():
             torch.distributed.destroy_process_group()
     return loop
