@@ -14,10 +14,11 @@ own weights are present (``--inception-weights`` or torch's hub cache), the comp
 Compared:
 - generated side: ours = ``eval.main.evaluate`` end to end (load checkpoint, generate N samples,
   features, one reduce, Frechet distance) against precomputed reference statistics; torch-fidelity
-  = ``calculate_metrics(input1=<the same N uint8 images, pre-generated, not timed>, input2=<the
-  reference images>, fid=True)`` with input2's statistics already in its cache, so it too only
-  extracts the N generated images (wall and process CPU time; the latter is the fairer number on a
-  shared machine);
+  = ``calculate_metrics(input1=<generator>, input1_model_num_samples=N, input2=<the reference
+  images>, fid=True)`` with input2's statistics already in its cache, where the generator
+  (``PlanReplay``) makes exactly our N images in torch-fidelity's own generation loop; so both load
+  the generator, generate, extract N images and compute the distance (wall and process CPU time;
+  the latter is the fairer number on a shared machine);
 - reference side (``--tf-reference compute``): ours = ``eval.reference.compute_reference`` (render +
   features + stats file); torch-fidelity = that warm-up call (reference images pre-rendered, not
   timed). With the default ``--tf-reference seed`` torch-fidelity instead finds our reference
@@ -97,6 +98,26 @@ class ImagesDataset(torch.utils.data.Dataset):
         return self.images[i]
 
 
+class PlanReplay(torch.nn.Module):
+    """For torch-fidelity's generator loop: each call makes the next batch of *our* plan's samples
+    (same noise, labels and quantisation), ignoring the noise torch-fidelity passes in. So both
+    tools pay for generation and see identical images."""
+
+    def __init__(self, gen_path: str, n: int, seed: int, device):
+        super().__init__()
+        from models.export import load_generator
+        self.G, _ = load_generator(gen_path, "auto", device)
+        C = int(getattr(self.G, "num_classes", 0))
+        self.plan, self.device, self.pos = Plan(balanced_counts(n, C), C > 0, seed), device, 0
+        self.offsets = torch.tensor(self.plan.offsets)
+
+    def forward(self, z, *unused):
+        idx = torch.arange(self.pos, self.pos + z.shape[0])
+        self.pos += z.shape[0]
+        cls = torch.searchsorted(self.offsets, idx, right=True) - 1
+        return generate(self.G, self.plan, idx, cls, idx - self.offsets[cls], self.device)
+
+
 def make_generator(path: str, arch: str, num_classes: int) -> None:
     import models
     from models.export import save_generator
@@ -157,6 +178,8 @@ def main() -> None:
     p.add_argument("--tf-reference", default="seed", choices=("seed", "compute"),
                    help="seed: torch-fidelity gets our reference statistics via its cache; compute: it extracts "
                         "the reference images itself (and the reference side is timed too)")
+    p.add_argument("--work-dir", default=None,
+                   help="keep the generator and reference statistics here (reused when the cache key matches)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     dist.init()
@@ -187,20 +210,22 @@ def main() -> None:
           f"{out['extract_images_per_s_idle_estimate']:.1f} images/s per CPU time / threads ({ours_name}, {device}, "
           f"{torch.get_num_threads()} threads, batch {bs}, 32x32 -> 299x299)", flush=True)
 
-    tmp = tempfile.mkdtemp(prefix="fid-bench-")
+    tmp = args.work_dir or tempfile.mkdtemp(prefix="fid-bench-")
+    os.makedirs(tmp, exist_ok=True)
     gen_path, ref_path = os.path.join(tmp, "g.safetensors"), os.path.join(tmp, "ref.npz")
-    make_generator(gen_path, args.arch, args.num_classes)
+    if not os.path.isfile(gen_path):
+        make_generator(gen_path, args.arch, args.num_classes)
     data = f"synthetic:32:{n}"
     tf_common = dict(fid=True, cuda=device.type == "cuda", batch_size=bs, verbose=False, save_cpu_ram=True,
                      feature_extractor=theirs_name, cache_root=os.path.join(tmp, "tf-cache"), **theirs_kwargs)
     real = open_source(data).batches(0, n, 1000).__iter__()
     real_images = torch.cat([x for x, _, _ in real])
-    fake_images = pregenerate(gen_path, n, 0, bs, device)
+    fake_images = pregenerate(gen_path, n, 0, bs, device) if args.tf_reference == "compute" else None
 
     with Clock() as c:  # like torch-fidelity's calls, ours builds its network inside the timed region
         ext = build_extractor(ours_name, device, inception_weights=args.inception_weights, download=False)
-        compute_reference(open_source(data), ext, ref_path, batch_size=bs, workers=0, spec=data, force=True)
-    out["ours_reference_s"], out["ours_reference_cpu_s"] = c.wall, c.cpu
+        compute_reference(open_source(data), ext, ref_path, batch_size=bs, workers=0, spec=data)
+    out["ours_reference_s"], out["ours_reference_cpu_s"] = c.wall, c.cpu  # ~0 when reused from --work-dir
     if args.tf_reference == "compute":
         with Clock() as c:  # warm-up: computes and caches input2's statistics (plus bs generated images)
             torch_fidelity.calculate_metrics(input1=ImagesDataset(fake_images[:bs]), input2=ImagesDataset(real_images),
@@ -218,7 +243,12 @@ def main() -> None:
         ours = evaluate(gen_path, ref_path, ext, EvalOptions(("fid",), n, batch_size=bs))
     out["ours_eval_s"], out["ours_eval_cpu_s"] = c.wall, c.cpu
     with Clock() as c:
-        theirs = torch_fidelity.calculate_metrics(input1=ImagesDataset(fake_images), input2=ImagesDataset(real_images),
+        from torch_fidelity import GenerativeModelModuleWrapper
+        module = PlanReplay(gen_path, n, 0, device)
+        replay = GenerativeModelModuleWrapper(module, z_size=module.G.z_dim, z_type="normal",
+                                              num_classes=0)  # labels come from our plan
+        theirs = torch_fidelity.calculate_metrics(input1=replay, input1_model_num_samples=n,
+                                                  input2=ImagesDataset(real_images),
                                                   input2_cache_name="bench-ref", cache=True, **tf_common)
     out["tf_eval_s"], out["tf_eval_cpu_s"] = c.wall, c.cpu
     out["ours_fid"], out["tf_fid"] = ours["fid"], theirs[KEY_METRIC_FID]
