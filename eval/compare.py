@@ -24,7 +24,7 @@ Rows train one after another, each with ``--launcher`` (e.g. ``"accelerate launc
 --num_processes 8"``) or in this process.
 
 ``--quick`` sizes it for a CPU: the embedded shapes10 data at 32 px, unconditional, narrow
-models, a small batch, ``--steps`` 100 G iterations, 1000 samples, and the ``shapes10-cnn``
+models, a small batch, ``--steps`` 50 G iterations, 1000 samples, and the ``shapes10-cnn``
 extractor (``eval/shapes_classifier.py``: Inception runs at about one image per second on a busy
 2-core CPU) with "works" at FID_shapes < 5 (see ``QUICK`` for the calibration). Quick numbers
 measure only whether each recipe learns *something* on a toy data set in a tiny budget: FID at
@@ -89,7 +89,7 @@ QUICK_WIDTH = {"cnn32": 16, "dcgan32": 16, "resnet32": 16}
 # The quick FID threshold is in shapes10-cnn units (real features have mean variance 1 per dimension).
 # Calibration at N=1000 (no GAN involved): two disjoint real sets 0.13; real images with 2 of the 10
 # classes missing 2.8, with 5 missing 18.5, one class only 150; an untrained ResNet G 534.
-QUICK = dict(steps=100, num_samples=1000, batch_size=32, extractor="shapes10-cnn", fid_threshold=5.0)
+QUICK = dict(steps=50, num_samples=1000, batch_size=32, extractor="shapes10-cnn", fid_threshold=5.0)
 FULL = dict(steps=0, num_samples=50000, batch_size=0, extractor="inception", fid_threshold=50.0)
 
 
@@ -127,9 +127,15 @@ def train_row(exp: str, run_dir: str, overrides: Sequence[str], launcher: Option
     return train_main(argv)
 
 
+def checkpoint_step(ckpt: str) -> int:
+    return int(os.path.basename(ckpt).split("-")[-1])
+
+
 def finished_checkpoint(run_dir: str, steps: int) -> Optional[str]:
+    """The newest complete checkpoint at ``steps`` or later (a run stopped by a signal just after
+    ``steps``, then given a smaller budget, counts as finished at its own step)."""
     from eval.ckpt import complete_checkpoints
-    found = [c for c in complete_checkpoints(run_dir) if c.endswith(f"ckpt-{steps:09d}")]
+    found = [c for c in complete_checkpoints(run_dir) if checkpoint_step(c) >= steps]
     return found[-1] if found else None
 
 
@@ -140,13 +146,15 @@ class Scorer:
         self.ext, self.n, self.batch_size, self.seed = ext, n, batch_size, seed
         self.ref = None  # (mu, sigma)
 
-    def real_stats(self, source, start: int):
+    def real_stats(self, source, start: int, keep_logits: bool = False):
+        """``(mu, sigma, logits or None)`` of the real images ``[start, start + n)``."""
         from eval.collect import Collector
         from eval.dist import device
-        col = Collector(self.ext, device())
+        col = Collector(self.ext, device(), keep_logits=keep_logits and self.ext.num_logits > 0)
         for images, _, index in source.batches(start, start + self.n, self.batch_size):
             col.add(images, None, index)
-        return col.finish().stats.mean_cov()
+        res = col.finish()
+        return (*res.stats.mean_cov(), res.logits)
 
     def set_reference(self, source, cache: Optional[str] = None) -> None:
         from eval.statsfile import StatsError, load_stats, save_stats
@@ -158,7 +166,7 @@ class Scorer:
                     return
             except StatsError:
                 pass
-        self.ref = self.real_stats(source, 0)
+        self.ref = self.real_stats(source, 0)[:2]
         if cache:
             save_stats(cache, *self.ref, self.n, extractor=self.ext.family, resolution=source.resolution,
                        info={"note": "eval.compare reference: the first N images"})
@@ -349,6 +357,8 @@ def train_rows(rows: Sequence[Row], args) -> List[dict]:
             if r["exit"] == 0 and ckpt is None:
                 r["exit"] = -1  # reported success without the final checkpoint
         r["ckpt"] = ckpt
+        if ckpt is not None:
+            r["steps"] = checkpoint_step(ckpt)
         results.append(r)
     return results
 
@@ -374,7 +384,7 @@ def make_scorer(args, rows: Sequence[Row]):
     scorer.set_reference(source, os.path.join(args.out, f"reference-{safe}-{args.num_samples}.npz"))
     floor = None
     if not args.no_floor and len(source) >= 2 * args.num_samples:
-        floor = scorer.score(*scorer.real_stats(source, args.num_samples))
+        floor = scorer.score(*scorer.real_stats(source, args.num_samples, keep_logits=True))
     return scorer, floor
 
 

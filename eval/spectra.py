@@ -89,7 +89,8 @@ def model_spectra(model: nn.Module) -> dict:
         raise ValueError(f"{type(model).__name__} has no conv, linear or embedding layers")
     path = [layer["sigma_max"] for layer in layers if layer["in_lipschitz_path"]]
     return {"layers": layers, "lipschitz_bound": math.prod(path),
-            "mean_effective_rank": sum(layer["effective_rank"] for layer in layers) / len(layers)}
+            "mean_effective_rank": sum(layer["effective_rank"] for layer in layers) / len(layers),
+            "mean_stable_rank": sum(layer["stable_rank"] for layer in layers) / len(layers)}
 
 
 def run_label(info: dict) -> str:
@@ -146,12 +147,13 @@ def analyse(paths: Sequence[str], labels: Optional[Sequence[str]] = None) -> Lis
 
 
 def summary(results: Sequence[dict]) -> str:
-    lines = ["| run | layers | Lipschitz bound (prod sigma_max) | mean effective rank | effective rank per layer |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| run | layers | Lipschitz bound (prod sigma_max) | mean effective rank | mean stable rank | "
+             "effective rank per layer | stable rank per layer |", "|" + " --- |" * 7]
     for r in results:
         ranks = ", ".join(f"{x['effective_rank']:.1f}" for x in r["layers"])
+        stable = ", ".join(f"{x['stable_rank']:.1f}" for x in r["layers"])
         lines.append(f"| {r['label']} | {len(r['layers'])} | {r['lipschitz_bound']:.4g} | "
-                     f"{r['mean_effective_rank']:.2f} | {ranks} |")
+                     f"{r['mean_effective_rank']:.2f} | {r['mean_stable_rank']:.2f} | {ranks} | {stable} |")
     return "\n".join(lines)
 
 
