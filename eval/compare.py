@@ -24,12 +24,13 @@ Rows train one after another, each with ``--launcher`` (e.g. ``"accelerate launc
 --num_processes 8"``) or in this process.
 
 ``--quick`` sizes it for a CPU: the embedded shapes10 data at 32 px, unconditional, narrow
-models, a small batch, ``--steps`` 50 G iterations, 1000 samples, and the ``shapes10-cnn``
-extractor (``eval/shapes_classifier.py``: Inception runs at about one image per second on a busy
-2-core CPU) with "works" at FID_shapes < 5 (see ``QUICK`` for the calibration). Quick numbers
-measure only whether each recipe learns *something* on a toy data set in a tiny budget: FID at
-N=1000 is biased upward (see the "real data" row, two disjoint real sets of N images) and
-comparable only within the table, never with published Inception FIDs.
+models, a small batch, one CPU thread, ``--steps`` 200 G iterations (about 12 minutes on a
+shared 2-core machine), 1000 samples, and the ``shapes10-cnn`` extractor
+(``eval/shapes_classifier.py``: Inception runs at about one image per second on a busy 2-core CPU)
+with "works" at FID_shapes < 5 (see ``QUICK`` for the calibration). Quick numbers measure only
+whether each recipe learns *something* on a toy data set in a tiny budget: FID at N=1000 is biased
+upward (see the "real data" row, two disjoint real sets of N images) and comparable only within
+the table, never with published Inception FIDs.
 """
 
 from __future__ import annotations
@@ -89,8 +90,10 @@ QUICK_WIDTH = {"cnn32": 16, "dcgan32": 16, "resnet32": 16}
 # The quick FID threshold is in shapes10-cnn units (real features have mean variance 1 per dimension).
 # Calibration at N=1000 (no GAN involved): two disjoint real sets 0.13; real images with 2 of the 10
 # classes missing 2.8, with 5 missing 18.5, one class only 150; an untrained ResNet G 534.
-QUICK = dict(steps=50, num_samples=1000, batch_size=32, extractor="shapes10-cnn", fid_threshold=5.0)
-FULL = dict(steps=0, num_samples=50000, batch_size=0, extractor="inception", fid_threshold=50.0)
+# threads: the quick models' ops are too small to gain from intra-op threads, and on a shared CPU two
+# OpenMP threads made a width-16 CNN's D step 20x slower than one (4.0 s vs 0.18 s, measured here).
+QUICK = dict(steps=200, num_samples=1000, batch_size=32, extractor="shapes10-cnn", fid_threshold=5.0, threads=1)
+FULL = dict(steps=0, num_samples=50000, batch_size=0, extractor="inception", fid_threshold=50.0, threads=0)
 
 
 def row_overrides(exp: str, quick: bool, steps: int, batch_size: int, data_path: Optional[str],
@@ -121,8 +124,9 @@ def train_row(exp: str, run_dir: str, overrides: Sequence[str], launcher: Option
     argv = ["--exp", exp, "--out", run_dir, *overrides]
     if launcher:
         cmd = [*shlex.split(launcher), os.path.join(ROOT, "trainer", "main.py"), *argv]
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
         with open(os.path.join(run_dir, "train.log"), "a") as log:
-            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
     from trainer.main import main as train_main
     return train_main(argv)
 
@@ -278,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", default=None, help="train each row in a subprocess with this command, e.g. "
                                                    "'accelerate launch --multi_gpu --num_processes 8' "
                                                    "(default: in this process)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"intra-op CPU threads for training and scoring, 0: torch's default (default: quick "
+                        f"{QUICK['threads']}, full {FULL['threads']})")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the scored samples")
     p.add_argument("--no-floor", action="store_true",
                    help="skip the real-data row (N more real images against the reference; it is also skipped "
@@ -287,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_defaults(args) -> None:
     base = QUICK if args.quick else FULL
-    for key in ("steps", "batch_size", "num_samples", "extractor", "fid_threshold"):
+    for key in ("steps", "batch_size", "num_samples", "extractor", "fid_threshold", "threads"):
         if getattr(args, key) is None:
             setattr(args, key, base[key])
     if args.out is None:
@@ -396,6 +403,10 @@ def run(args) -> List[dict]:
     for flag in ("steps", "batch_size", "width"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     results = train_rows(rows, args)
     scorer, floor = make_scorer(args, rows)
