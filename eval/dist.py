@@ -8,6 +8,7 @@ sites never branch on rank (edm's ``torch_utils/distributed.py`` pattern).
 
 from __future__ import annotations
 
+import atexit
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -22,7 +23,16 @@ def init():
     if _STATE is None:
         from accelerate import PartialState
         _STATE = PartialState(cpu=not torch.cuda.is_available())
+        atexit.register(_shutdown)
     return _STATE
+
+
+def _shutdown() -> None:
+    # Tear the process group down before interpreter finalisation: left to destructors, gloo's
+    # threads were sometimes destroyed while joinable and a rank aborted after its work was done
+    # ("terminate called without an active exception").
+    if initialized():
+        dist.destroy_process_group()
 
 
 def device() -> torch.device:
