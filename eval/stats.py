@@ -71,33 +71,42 @@ class SufficientStats:
         return mu.numpy(), sigma.numpy()
 
 
-def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
-    w, v = torch.linalg.eigh(m)
-    return (v * w.clamp_min(0).sqrt()) @ v.t()
+def _psd_factor(s: torch.Tensor) -> torch.Tensor:
+    """``F`` with ``S = F F^T`` for symmetric PSD ``S``, also when ``S`` is singular.
+
+    Cholesky when ``S`` is positive definite; otherwise LAPACK's pivoted Cholesky (``?pstrf``,
+    ``P^T S P = L L^T`` with ``L`` of the numerical rank), which is exact for PSD matrices of any
+    rank (fewer samples than dimensions, a collapsed generator) and as cheap as a Cholesky.
+    """
+    chol, info = torch.linalg.cholesky_ex(s)
+    if int(info) == 0:
+        return chol
+    from scipy.linalg.lapack import dpstrf
+    c, piv, rank, info = dpstrf(s.cpu().numpy(), tol=-1.0, lower=1)
+    if info < 0:
+        raise ValueError(f"pivoted Cholesky failed (LAPACK info {info})")
+    factor = np.zeros((s.shape[0], rank))
+    factor[piv - 1] = np.tril(c)[:, :rank]
+    return torch.from_numpy(factor).to(s.device)
 
 
 def _trace_sqrt_product(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
     """tr((S1 S2)^(1/2)) for symmetric PSD S1, S2: the sum of square roots of eig(S1 S2).
 
-    With S1 = L L^T (Cholesky), S1 S2 is similar to the symmetric PSD matrix L^T S2 L, whose
-    eigenvalues need no eigenvectors (a Cholesky, two products and one eigvalsh: several times
-    faster than the non-symmetric eigenvalues or scipy's sqrtm). A singular S1 (fewer samples than
-    dimensions) has no Cholesky factor; then S1^(1/2) S2 S1^(1/2) from an eigendecomposition.
+    With S1 = F F^T, the non-zero eigenvalues of S1 S2 are those of the symmetric PSD matrix
+    F^T S2 F, which need no eigenvectors: a (pivoted) Cholesky, two products and one eigvalsh,
+    several times faster than the non-symmetric eigenvalues or scipy's sqrtm.
     """
-    chol, info = torch.linalg.cholesky_ex(s1)
-    if int(info) == 0:
-        m = chol.t() @ s2 @ chol
-    else:
-        r1 = _sqrt_psd(s1)
-        m = r1 @ s2 @ r1
+    f = _psd_factor(s1)
+    m = f.t() @ s2 @ f
     return torch.linalg.eigvalsh(0.5 * (m + m.t())).clamp_min(0).sqrt().sum()
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu") -> float:
     """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))  (Heusel et al. 2017, eq. 6).
 
-    Computed in float64 via symmetric eigenvalue problems (:func:`_trace_sqrt_product`); tiny
-    negative eigenvalues (rank-deficient covariances) count as zero, as in torch-fidelity.
+    Computed in float64 via a symmetric eigenvalue problem (:func:`_trace_sqrt_product`); tiny
+    negative eigenvalues count as zero, as in torch-fidelity.
     """
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64, device=device)  # noqa: E731
     mu1, mu2, s1, s2 = t(mu1), t(mu2), t(sigma1), t(sigma2)
