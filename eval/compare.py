@@ -24,9 +24,9 @@ Rows train one after another, each with ``--launcher`` (e.g. ``"accelerate launc
 --num_processes 8"``) or in this process.
 
 ``--quick`` sizes it for a CPU: the embedded shapes10 data at 32 px, unconditional, narrow
-models, a small batch, one CPU thread, ``--steps`` 200 G iterations (about 12 minutes on a
-shared 2-core machine), 1000 samples, and the ``shapes10-cnn`` extractor
-(``eval/shapes_classifier.py``: Inception runs at about one image per second on a busy 2-core CPU)
+models, a small batch, one CPU thread, ``--steps`` 200 G iterations (11 CPU minutes; 20 minutes
+of wall time on a shared 2-core machine), 1000 samples, and the ``shapes10-cnn`` extractor
+(``eval/shapes_classifier.py``: Inception runs at one to two images per second on a busy 2-core CPU)
 with "works" at FID_shapes < 5 (see ``QUICK`` for the calibration). Quick numbers measure only
 whether each recipe learns *something* on a toy data set in a tiny budget: FID at N=1000 is biased
 upward (see the "real data" row, two disjoint real sets of N images) and comparable only within
@@ -395,6 +395,16 @@ def make_scorer(args, rows: Sequence[Row]):
     return scorer, floor
 
 
+def score_rows(results: List[dict], scorer: Scorer, args) -> None:
+    for r in results:
+        if r["exit"] == 0:
+            t0 = time.time()
+            r.update(scorer.generated(os.path.join(r["ckpt"], "generator.safetensors")))
+            r["score_seconds"] = time.time() - t0
+            print(f"[compare] {r['name']}: FID {r['fid']:.2f} ({r['score_seconds']:.0f}s)", flush=True)
+        r["verdict"] = verdict(r, args.fid_threshold, args.min_variance_ratio)
+
+
 def run(args) -> List[dict]:
     from eval import dist
     rows = select_rows(args.suite, args.rows)
@@ -405,18 +415,16 @@ def run(args) -> List[dict]:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    results = train_rows(rows, args)
-    scorer, floor = make_scorer(args, rows)
-    for r in results:
-        if r["exit"] == 0:
-            t0 = time.time()
-            r.update(scorer.generated(os.path.join(r["ckpt"], "generator.safetensors")))
-            r["score_seconds"] = time.time() - t0
-            print(f"[compare] {r['name']}: FID {r['fid']:.2f} ({r['score_seconds']:.0f}s)", flush=True)
-        r["verdict"] = verdict(r, args.fid_threshold, args.min_variance_ratio)
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        results = train_rows(rows, args)
+        scorer, floor = make_scorer(args, rows)
+        score_rows(results, scorer, args)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called from another program (the tests)
     text = table(results, args, floor)
     if dist.is_main():
         with open(os.path.join(args.out, "compare.md"), "w") as fh:
@@ -425,7 +433,7 @@ def run(args) -> List[dict]:
             json.dump({"suite": args.suite, "quick": args.quick, "num_samples": args.num_samples,
                        "extractor": scorer.ext.name, "feature_family": scorer.ext.family,
                        "fid_threshold": args.fid_threshold, "min_variance_ratio": args.min_variance_ratio,
-                       "real_floor": floor, "rows": results}, fh, indent=1)
+                       "threads": args.threads, "real_floor": floor, "rows": results}, fh, indent=1)
         print(text, flush=True)
     return results
 

@@ -265,7 +265,9 @@ def test_compare_quick_mode_table_has_every_row(tmp_path, capsys):
     from eval import compare
     args = ["--suite", "seeds", "--quick", "--steps", "1", "--num-samples", "32", "--batch-size", "4",
             "--width", "4", "--extractor", "tiny-test", "--out", str(tmp_path)]
+    threads = torch.get_num_threads()
     assert compare.main(args) == 0
+    assert torch.get_num_threads() == threads  # --threads (quick: 1) is undone afterwards
     table = (tmp_path / "compare.md").read_text()
     for row in compare.SUITES["seeds"]:
         assert f"| {row.name} | `{row.exp}` |" in table
