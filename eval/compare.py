@@ -258,32 +258,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default="seeds", choices=sorted(SUITES), help="which table")
     p.add_argument("--quick", action="store_true", help="CPU size: embedded data, narrow models, tiny budget")
     p.add_argument("--rows", default=None, help="comma-separated experiment names: only these rows")
-    p.add_argument("--out", default=None, help="output folder (default: runs/compare-<suite>[-quick])")
+    p.add_argument("--out", default=None, help="output folder (unset=%(default)s: runs/compare-<suite>[-quick])")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"G iterations per row (default: quick {QUICK['steps']}, full: each experiment's own)")
+                   help=f"G iterations per row (unset=%(default)s: quick {QUICK['steps']}, "
+                        "full: each experiment's own)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help=f"D batch per row (default: quick {QUICK['batch_size']}, full: each experiment's own)")
+                   help=f"D batch per row (unset=%(default)s: quick {QUICK['batch_size']}, "
+                        "full: each experiment's own)")
     p.add_argument("--width", type=int, default=0,
                    help=f"quick mode: base width of G and D (0: per architecture, {QUICK_WIDTH})")
     p.add_argument("--num-samples", type=int, default=None,
-                   help=f"samples per row for FID/IS (default: quick {QUICK['num_samples']}, "
+                   help=f"samples per row for FID/IS (unset=%(default)s: quick {QUICK['num_samples']}, "
                         f"full {FULL['num_samples']})")
     p.add_argument("--extractor", default=None,
-                   help=f"feature extractor (default: quick {QUICK['extractor']}, full {FULL['extractor']})")
+                   help=f"feature extractor (unset=%(default)s: quick {QUICK['extractor']}, full {FULL['extractor']})")
     p.add_argument("--ref", default=None, help="full mode: reference statistics .npz of the training data "
-                                               "(default: computed from the data and cached)")
-    p.add_argument("--data-path", default=None, help="full mode: training data shards (default: each "
+                                               "(unset=%(default)s: computed from the data, cached in --out)")
+    p.add_argument("--data-path", default=None, help="full mode: training data shards (unset=%(default)s: each "
                                                      "experiment's data.path)")
     p.add_argument("--fid-threshold", type=float, default=None,
-                   help=f"'works' needs FID below this (default: quick {QUICK['fid_threshold']:g}, "
+                   help=f"'works' needs FID below this (unset=%(default)s: quick {QUICK['fid_threshold']:g}, "
                         f"full {FULL['fid_threshold']:g})")
     p.add_argument("--min-variance-ratio", type=float, default=0.25,
                    help="'works' needs tr(Sigma_g)/tr(Sigma_r) at least this (below: collapsed)")
     p.add_argument("--launcher", default=None, help="train each row in a subprocess with this command, e.g. "
                                                    "'accelerate launch --multi_gpu --num_processes 8' "
-                                                   "(default: in this process)")
+                                                   "(unset=%(default)s: in this process)")
     p.add_argument("--threads", type=int, default=None,
-                   help=f"intra-op CPU threads for training and scoring, 0: torch's default (default: quick "
+                   help=f"intra-op CPU threads for training and scoring, 0: torch's default (unset=%(default)s: quick "
                         f"{QUICK['threads']}, full {FULL['threads']})")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the scored samples")
     p.add_argument("--no-floor", action="store_true",

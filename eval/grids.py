@@ -189,8 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="grids", help="output folder")
     p.add_argument("--kind", default="all", choices=(*KINDS, "all"), help="which grid(s) to draw")
     p.add_argument("--classes", default=None,
-                   help="comma-separated classes: rows of 'classes' and 'interp' (default: all); "
-                        "'morph' goes from the first to the second (default: 0,1)")
+                   help="comma-separated classes (unset=%(default)s): rows of 'classes' and 'interp' (unset: "
+                        "all); 'morph' goes from the first to the second (unset: 0,1)")
     p.add_argument("--cols", type=int, default=10, help="samples per class row ('classes')")
     p.add_argument("--rows", type=int, default=8, help="rows of 'interp' and 'morph' (and of 'classes' for "
                                                       "an unconditional G)")
