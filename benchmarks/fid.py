@@ -180,6 +180,7 @@ def main() -> None:
                         "the reference images itself (and the reference side is timed too)")
     p.add_argument("--work-dir", default=None,
                    help="keep the generator and reference statistics here (reused when the cache key matches)")
+    p.add_argument("--rounds", type=int, default=2, help="timed rounds per side, in ABBA order")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     dist.init()
@@ -238,19 +239,39 @@ def main() -> None:
         torch.save({"mu": ref.mu.astype("float32"), "sigma": ref.sigma},
                    os.path.join(tf_common["cache_root"], f"bench-ref-{theirs_name}-stat-fid-2048.pt"))
 
-    with Clock() as c:
-        ext = build_extractor(ours_name, device, inception_weights=args.inception_weights, download=False)
-        ours = evaluate(gen_path, ref_path, ext, EvalOptions(("fid",), n, batch_size=bs))
-    out["ours_eval_s"], out["ours_eval_cpu_s"] = c.wall, c.cpu
-    with Clock() as c:
+    def run_ours():
+        with Clock() as c:
+            ext_ = build_extractor(ours_name, device, inception_weights=args.inception_weights, download=False)
+            result = evaluate(gen_path, ref_path, ext_, EvalOptions(("fid",), n, batch_size=bs))
+        return c, result["fid"]
+
+    def run_theirs():
         from torch_fidelity import GenerativeModelModuleWrapper
-        module = PlanReplay(gen_path, n, 0, device)
-        replay = GenerativeModelModuleWrapper(module, z_size=module.G.z_dim, z_type="normal",
-                                              num_classes=0)  # labels come from our plan
-        theirs = torch_fidelity.calculate_metrics(input1=replay, input1_model_num_samples=n,
-                                                  input2=ImagesDataset(real_images),
-                                                  input2_cache_name="bench-ref", cache=True, **tf_common)
-    out["tf_eval_s"], out["tf_eval_cpu_s"] = c.wall, c.cpu
+        with Clock() as c:
+            module = PlanReplay(gen_path, n, 0, device)
+            replay = GenerativeModelModuleWrapper(module, z_size=module.G.z_dim, z_type="normal",
+                                                  num_classes=0)  # labels come from our plan
+            result = torch_fidelity.calculate_metrics(input1=replay, input1_model_num_samples=n,
+                                                      input2=ImagesDataset(real_images),
+                                                      input2_cache_name="bench-ref", cache=True, **tf_common)
+        return c, result[KEY_METRIC_FID]
+
+    # Rounds in ABBA order (ours first, then torch-fidelity first, ...) so a change of machine load
+    # during the run does not favour one side; totals over all rounds.
+    timings = {"ours": [], "tf": []}
+    for r in range(args.rounds):
+        for side in (("ours", "tf") if r % 2 == 0 else ("tf", "ours")):
+            c, value = run_ours() if side == "ours" else run_theirs()
+            timings[side].append((c.wall, c.cpu))
+            if side == "ours":
+                ours = {"fid": value}
+            else:
+                theirs = {KEY_METRIC_FID: value}
+            print(f"round {r + 1} {side}: wall {c.wall:.1f}s, CPU {c.cpu:.1f}s, FID {value:.6f}", flush=True)
+    for side in ("ours", "tf"):
+        out[f"{side}_eval_s"] = sum(w for w, _ in timings[side])
+        out[f"{side}_eval_cpu_s"] = sum(u for _, u in timings[side])
+        out[f"{side}_rounds"] = timings[side]
     out["ours_fid"], out["tf_fid"] = ours["fid"], theirs[KEY_METRIC_FID]
     out["fid_abs_diff"] = abs(ours["fid"] - theirs[KEY_METRIC_FID])
     sides = ("eval", "reference") if args.tf_reference == "compute" else ("eval",)
