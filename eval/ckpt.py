@@ -3,7 +3,8 @@
 ``--ckpt`` is either a checkpoint folder written by the trainer
 (``RUN_DIR/checkpoints/ckpt-<step:09d>/`` with ``generator.safetensors`` and ``meta.json``, which
 is written last, so a folder without it is incomplete) or a bare exported
-``generator.safetensors``. For a folder, the generator file's sha256 must equal the one listed in
+``generator.safetensors``; a run folder stands for its newest complete checkpoint
+(:func:`checkpoint_folder`). For a folder, the generator file's sha256 must equal the one listed in
 ``meta.json``; a mismatch (truncated copy, file from another checkpoint) is refused by name.
 """
 
@@ -45,6 +46,18 @@ def read_ckpt_meta(ckpt_dir: str) -> dict:
     if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
         raise CheckpointError(f"{path}: has no 'files' table of checksums; not a checkpoint of this trainer")
     return meta
+
+
+def checkpoint_folder(path: str) -> str:
+    """``path`` itself, or for a run folder (one with ``checkpoints/``) its newest complete checkpoint."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, META_FILE)) \
+            and os.path.isdir(os.path.join(path, "checkpoints")):
+        found = complete_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"{path}: a run folder without a complete checkpoint "
+                                  f"(no checkpoints/{CKPT_GLOB}/{META_FILE})")
+        return found[-1]
+    return path
 
 
 def resolve_generator(path: str, verify: bool = True) -> Tuple[str, dict]:

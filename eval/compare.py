@@ -119,16 +119,27 @@ def row_overrides(exp: str, quick: bool, steps: int, batch_size: int, data_path:
     return out
 
 
+def train_command(exp: str, run_dir: str, overrides: Sequence[str], launcher: Optional[str]) -> List[str]:
+    """The command line that trains one row in its own process(es)."""
+    argv = ["--exp", exp, "--out", run_dir, *overrides]
+    prefix = shlex.split(launcher) if launcher else [sys.executable]
+    return [*prefix, os.path.join(ROOT, "trainer", "main.py"), *argv]
+
+
+def start_row(exp: str, run_dir: str, overrides: Sequence[str], launcher: Optional[str]) -> subprocess.Popen:
+    """Start training one row in a subprocess (output appended to ``run_dir/train.log``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    with open(os.path.join(run_dir, "train.log"), "a") as log:
+        return subprocess.Popen(train_command(exp, run_dir, overrides, launcher), stdout=log,
+                                stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+
+
 def train_row(exp: str, run_dir: str, overrides: Sequence[str], launcher: Optional[str]) -> int:
     """Train one row (resuming a partial run); returns the trainer's exit status."""
-    argv = ["--exp", exp, "--out", run_dir, *overrides]
     if launcher:
-        cmd = [*shlex.split(launcher), os.path.join(ROOT, "trainer", "main.py"), *argv]
-        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-        with open(os.path.join(run_dir, "train.log"), "a") as log:
-            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
+        return start_row(exp, run_dir, overrides, launcher).wait()
     from trainer.main import main as train_main
-    return train_main(argv)
+    return train_main(["--exp", exp, "--out", run_dir, *overrides])
 
 
 def checkpoint_step(ckpt: str) -> int:
@@ -257,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--suite", default="seeds", choices=sorted(SUITES), help="which table")
     p.add_argument("--quick", action="store_true", help="CPU size: embedded data, narrow models, tiny budget")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="rows trained at once, each in its own process with --threads threads (e.g. the number "
+                        "of CPU cores in --quick mode)")
     p.add_argument("--rows", default=None, help="comma-separated experiment names: only these rows")
     p.add_argument("--out", default=None, help="output folder (unset=%(default)s: runs/compare-<suite>[-quick])")
     p.add_argument("--steps", type=int, default=None,
@@ -336,40 +350,96 @@ def train_rows(rows: Sequence[Row], args) -> List[dict]:
         cfg = load_config(row.exp, overrides)
         check_data(cfg)
         configs.append((row, overrides, cfg))
-    results = []
+    results, todo = [], []
     for row, overrides, cfg in configs:
         run_dir = os.path.join(args.out, row.exp)
         os.makedirs(run_dir, exist_ok=True)
         r = {"name": row.name, "exp": row.exp, "loss": cfg.loss.name, "constraint": cfg.model.d_constraint,
              "n_dis": cfg.train.n_dis, "steps": cfg.train.steps, "run_dir": run_dir, "overrides": overrides}
-        timing = os.path.join(run_dir, "train_seconds.txt")
         ckpt = finished_checkpoint(run_dir, cfg.train.steps)
         if ckpt is not None:
+            timing = os.path.join(run_dir, "train_seconds.txt")
             r["exit"] = 0
             r["train_seconds"] = float(open(timing).read()) if os.path.isfile(timing) else None
             print(f"[compare] {row.name}: reusing {ckpt}", flush=True)
         else:
-            print(f"[compare] training {row.name} ({row.exp}) for {cfg.train.steps} G steps -> {run_dir}", flush=True)
+            todo.append(r)
+        results.append(r)
+    if args.jobs > 1 and len(todo) > 1:
+        _train_parallel(todo, args)
+    else:
+        for r in todo:
+            _announce(r)
             t0 = time.time()
             try:
-                r["exit"] = train_row(row.exp, run_dir, overrides, args.launcher)
+                r["exit"] = train_row(r["exp"], r["run_dir"], r["overrides"], args.launcher)
             except Exception as exc:  # one broken row must not take the table down
                 r["exit"], r["error"] = -2, f"{type(exc).__name__}: {exc}"
-                print(f"[compare] {row.name} failed: {r['error']}", file=sys.stderr, flush=True)
-            r["train_seconds"] = time.time() - t0
-            with open(timing, "w") as fh:
-                fh.write(f"{r['train_seconds']:.1f}\n")
-            if r["exit"] == 75:  # a stop signal: the trainer checkpointed; the same command continues
-                raise Interrupted(f"stopped while training {row.exp} (checkpoint written); run the same "
-                                  "command again to continue")
-            ckpt = finished_checkpoint(run_dir, cfg.train.steps)
-            if r["exit"] == 0 and ckpt is None:
-                r["exit"] = -1  # reported success without the final checkpoint
-        r["ckpt"] = ckpt
-        if ckpt is not None:
-            r["steps"] = checkpoint_step(ckpt)
-        results.append(r)
+                print(f"[compare] {r['name']} failed: {r['error']}", file=sys.stderr, flush=True)
+            _finish(r, time.time() - t0)
+    interrupted = [r["exp"] for r in todo if r["exit"] == 75]
+    if interrupted:  # a stop signal: the trainers checkpointed; the same command continues
+        raise Interrupted(f"stopped while training {', '.join(interrupted)} (checkpoints written); run the "
+                          "same command again to continue")
+    for r in results:
+        r["ckpt"] = finished_checkpoint(r["run_dir"], r["steps"])
+        if r["exit"] == 0 and r["ckpt"] is None:
+            r["exit"] = -1  # reported success without the final checkpoint
+        if r["ckpt"] is not None:
+            r["steps"] = checkpoint_step(r["ckpt"])
     return results
+
+
+def _announce(r: dict) -> None:
+    print(f"[compare] training {r['name']} ({r['exp']}) for {r['steps']} G steps -> {r['run_dir']}", flush=True)
+
+
+def _finish(r: dict, seconds: float) -> None:
+    r["train_seconds"] = seconds
+    with open(os.path.join(r["run_dir"], "train_seconds.txt"), "w") as fh:
+        fh.write(f"{seconds:.1f}\n")
+    if r["exit"] not in (0, 75):
+        print(f"[compare] {r['name']} exited with status {r['exit']} (log: {r['run_dir']}/train.log)",
+              file=sys.stderr, flush=True)
+
+
+def _train_parallel(todo: List[dict], args) -> None:
+    """Train up to ``--jobs`` rows at once, each in its own process with ``--threads`` threads."""
+    import signal
+    pending, running = list(todo), {}
+    stop = []
+
+    def forward(signum, _frame):  # the scheduler's stop signal: each trainer checkpoints and exits 75
+        stop.append(signum)
+        for _, proc, _ in running.values():
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        while pending or running:
+            while pending and len(running) < args.jobs and not stop:
+                r = pending.pop(0)
+                _announce(r)
+                running[r["exp"]] = (r, start_row(r["exp"], r["run_dir"], r["overrides"], args.launcher), time.time())
+            time.sleep(0.5)
+            for exp, (r, proc, t0) in list(running.items()):
+                if proc.poll() is not None:
+                    r["exit"] = proc.returncode
+                    _finish(r, time.time() - t0)
+                    print(f"[compare] {r['name']}: trained in {r['train_seconds']:.0f}s (exit {r['exit']})", flush=True)
+                    del running[exp]
+            if stop and not running:
+                break
+    finally:
+        for r, proc, _ in running.values():  # interrupted here (Ctrl-C, an error): checkpoint and stop
+            proc.terminate()
+        for r, proc, t0 in running.values():
+            r["exit"] = proc.wait()
+            _finish(r, time.time() - t0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for r in pending:  # never started because of a stop signal
+        r["exit"] = 75
 
 
 def make_scorer(args, rows: Sequence[Row]):
@@ -377,7 +447,6 @@ def make_scorer(args, rows: Sequence[Row]):
     from eval import dist
     from eval.data import open_source
     from eval.extractors import build_extractor
-    from eval import shapes_classifier  # noqa: F401  (registers the shapes10-cnn extractor)
     from trainer.config import load_config
     dist.init()
     ext = build_extractor(args.extractor, dist.device(), need_logits=False)
@@ -415,6 +484,8 @@ def run(args) -> List[dict]:
     for flag in ("steps", "batch_size", "width"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
     os.makedirs(args.out, exist_ok=True)

@@ -21,7 +21,9 @@ torch-fidelity): the uint8 image, as float in [0, 255], is resized to 299x299 wi
 offset), then scaled ``(x - 128) / 128``. Source 1 does this inside torch-fidelity's module;
 source 2 uses :func:`resize_bilinear_tf1` here (tested against torch-fidelity's function).
 
-``tiny-test`` is a deterministic 16-dimensional extractor with 10 logits for the tests.
+``shapes10-cnn`` is a small classifier of the embedded shapes10 data (``eval/shapes_classifier.py``,
+features 64, logits 10), for CPU-sized scoring of runs on that data. ``tiny-test`` is a
+deterministic 16-dimensional extractor with 10 logits for the tests.
 """
 
 from __future__ import annotations
@@ -247,6 +249,13 @@ class TinyTestExtractor(FeatureExtractor):
         x = F.adaptive_avg_pool2d(images.float() / 127.5 - 1.0, 4).flatten(1)
         feats = torch.tanh(x @ self.w1) @ self.w2
         return feats, feats @ self.w3
+
+
+@register_extractor("shapes10-cnn")
+def _shapes10(device, need_logits=False, **_):
+    # Imported on use: the classifier is trained (about a CPU minute) and cached at first use.
+    from eval.shapes_classifier import ShapesExtractor
+    return ShapesExtractor(device)
 
 
 @register_extractor("tiny-test")

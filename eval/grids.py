@@ -39,18 +39,12 @@ KINDS = ("classes", "interp", "morph")
 
 def load(path: str, which: str = "auto", device="cpu") -> Tuple[nn.Module, dict]:
     """G (eval mode) and its meta from a generator file, a checkpoint folder or a run folder."""
-    from eval.ckpt import CheckpointError, complete_checkpoints, resolve_generator
+    from eval.ckpt import CheckpointError, checkpoint_folder, resolve_generator
     from models.export import load_generator
     if not os.path.exists(path):
         raise CheckpointError(f"{path!r} does not exist; expected a generator.safetensors, a checkpoint "
                               "folder or a run folder")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "meta.json")):
-        found = complete_checkpoints(path)
-        if not found:
-            raise CheckpointError(f"{path!r}: neither a checkpoint folder (with meta.json) nor a run folder "
-                                  "with complete checkpoints")
-        path = found[-1]
-    gen, _ = resolve_generator(path)
+    gen, _ = resolve_generator(checkpoint_folder(path))
     return load_generator(gen, which, device)
 
 

@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script path: import eval/ as the packa
 import torch
 
 from eval import dist
-from eval.ckpt import CheckpointError, check_run_config, resolve_generator
+from eval.ckpt import CheckpointError, check_run_config, checkpoint_folder, resolve_generator
 from eval.collect import Collector
 from eval.extractors import FeatureExtractor
 from eval.generate import Plan, balanced_counts, generate, rank_batches
@@ -139,6 +139,7 @@ def evaluate(ckpt: str, ref_path: str, ext: FeatureExtractor, opts: EvalOptions)
     if dev.type == "cuda":  # reference numbers are fp32 Inception features: no TF32 convolutions
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+    ckpt = checkpoint_folder(ckpt)
     gen_path, ckpt_meta = resolve_generator(ckpt)
     try:
         if os.path.isdir(ckpt):
@@ -209,7 +210,7 @@ def options_from_args(args) -> EvalOptions:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint folder (ckpt-<step>/) or generator.safetensors")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder (ckpt-<step>/), run folder (its newest complete checkpoint) or generator.safetensors")
     p.add_argument("--ref", required=True, help="reference statistics .npz (python -m eval.reference)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     add_eval_args(p)

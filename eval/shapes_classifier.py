@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .extractors import FeatureExtractor, register_extractor
+from .extractors import FeatureExtractor
 
 NAME = "shapes10-cnn"
 TRAIN_IMAGES = 5000          # indices [0, 5000) of synthetic:32
@@ -102,8 +102,13 @@ def load_classifier(retrain: bool = False) -> ShapesNet:
     path = _cache_path()
     net = ShapesNet()
     if not retrain and os.path.isfile(path):
-        net.load_state_dict(torch.load(path, weights_only=True))
-        return net.eval()
+        try:
+            net.load_state_dict(torch.load(path, weights_only=True))
+            return net.eval()
+        except Exception as exc:  # truncated or foreign file: never score with it, train afresh
+            print(f"[{NAME}] cached weights {path} are unreadable ({type(exc).__name__}: {exc}); retraining",
+                  file=sys.stderr, flush=True)
+            net = ShapesNet()
     net = train_classifier()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -130,7 +135,3 @@ class ShapesExtractor(FeatureExtractor):
         feats, logits = self.net(_prepare(images.to(next(self.net.parameters()).device)))
         return feats.float(), logits.float()
 
-
-@register_extractor(NAME)
-def _shapes(device, need_logits=False, **_):
-    return ShapesExtractor(device)

@@ -279,3 +279,38 @@ def test_compare_quick_mode_table_has_every_row(tmp_path, capsys):
     assert compare.main(args) == 0
     assert capsys.readouterr().out.count("reusing") == 7
     assert compare.main([*args, "--rows", "cifar10_nope"]) == 2
+
+
+def test_compare_jobs_trains_rows_in_parallel_processes_and_forwards_sigterm(tmp_path):
+    """--jobs 2: rows train as separate trainer processes at once; SIGTERM reaches them, each writes a
+    checkpoint and the comparison exits 75; the same command with a smaller budget reuses them."""
+    import signal
+    import time
+    out = tmp_path / "cmp"
+    base = [sys.executable, "-m", "eval.compare", "--suite", "seeds", "--quick", "--num-samples", "32",
+            "--batch-size", "4", "--width", "4", "--extractor", "tiny-test", "--out", str(out), "--jobs", "2",
+            "--rows", "cifar10_dcgan,cifar10_sngan_w_cnn,cifar10_sngan_hinge_resnet"]
+    proc = subprocess.Popen([*base, "--steps", "100000"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    logs = [out / exp / "train.log" for exp in ("cifar10_dcgan", "cifar10_sngan_w_cnn")]
+    deadline = time.time() + 120
+    # Both trainers have their stop handlers (installed before this line is printed); a signal any
+    # time after it is answered with a checkpoint after the current step.
+    while not all(p.is_file() and "run folder" in p.read_text() for p in logs):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.5)
+    assert not (out / "cifar10_sngan_hinge_resnet" / "train.log").exists()  # the third waits for a slot
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, text
+    assert "cifar10_dcgan" in text and "cifar10_sngan_w_cnn" in text and "run the same command again" in text
+    for exp in ("cifar10_dcgan", "cifar10_sngan_w_cnn"):
+        ckpts = sorted((out / exp / "checkpoints").glob("ckpt-*"))
+        assert ckpts and (ckpts[-1] / "meta.json").is_file(), exp
+    # A smaller budget counts the signal checkpoints as finished; only the third row trains.
+    done = subprocess.run([*base, "--steps", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("reusing") == 2 and "training SN-GAN, hinge, ResNet" in done.stdout
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["exp"] for r in rows] == ["cifar10_dcgan", "cifar10_sngan_w_cnn", "cifar10_sngan_hinge_resnet"]
+    assert all(r["exit"] == 0 and math.isfinite(r["fid"]) for r in rows)

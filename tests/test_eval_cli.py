@@ -48,6 +48,14 @@ def test_bare_generator_file_and_checkpoint_folder_give_the_same_fid(env):
     assert bare["fid"] == pytest.approx(full["fid"], rel=1e-12) and full["step"] == 5
     g_only = evaluate(ckpt, ref, ext, opts(which="G"))
     assert g_only["which"] == "G" and g_only["fid"] != full["fid"]
+    # A run folder stands for its newest complete checkpoint; an incomplete newer one is passed over.
+    newer = make_checkpoint(tmp / "run_same", 7, seed=1)
+    os.remove(os.path.join(make_checkpoint(tmp / "run_same", 9, seed=2), "meta.json"))
+    run = evaluate(str(tmp / "run_same"), ref, ext, opts())
+    assert run["ckpt"] == newer and run["step"] == 7 and run["fid"] != full["fid"]
+    with pytest.raises(CheckpointError, match="without a complete checkpoint"):
+        os.makedirs(tmp / "run_empty" / "checkpoints")
+        evaluate(str(tmp / "run_empty"), ref, ext, opts())
 
 
 def test_corrupt_or_incomplete_checkpoints_are_refused_by_name(env):
