@@ -42,7 +42,6 @@ import os
 import statistics
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np

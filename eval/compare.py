@@ -92,8 +92,10 @@ QUICK_WIDTH = {"cnn32": 16, "dcgan32": 16, "resnet32": 16}
 # classes missing 2.8, with 5 missing 18.5, one class only 150; an untrained ResNet G 534.
 # threads: the quick models' ops are too small to gain from intra-op threads, and on a shared CPU two
 # OpenMP threads made a width-16 CNN's D step 20x slower than one (4.0 s vs 0.18 s, measured here).
-QUICK = dict(steps=200, num_samples=1000, batch_size=32, extractor="shapes10-cnn", fid_threshold=5.0, threads=1)
-FULL = dict(steps=0, num_samples=50000, batch_size=0, extractor="inception", fid_threshold=50.0, threads=0)
+# jobs: rows train side by side, one process per core, each with one thread.
+QUICK = dict(steps=200, num_samples=1000, batch_size=32, extractor="shapes10-cnn", fid_threshold=5.0, threads=1,
+             jobs=max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+FULL = dict(steps=0, num_samples=50000, batch_size=0, extractor="inception", fid_threshold=50.0, threads=0, jobs=1)
 
 
 def row_overrides(exp: str, quick: bool, steps: int, batch_size: int, data_path: Optional[str],
@@ -268,9 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--suite", default="seeds", choices=sorted(SUITES), help="which table")
     p.add_argument("--quick", action="store_true", help="CPU size: embedded data, narrow models, tiny budget")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="rows trained at once, each in its own process with --threads threads (e.g. the number "
-                        "of CPU cores in --quick mode)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help=f"rows trained at once, each in its own process with --threads threads (unset=%(default)s: "
+                        f"quick {QUICK['jobs']} (the CPU cores here), full {FULL['jobs']})")
     p.add_argument("--rows", default=None, help="comma-separated experiment names: only these rows")
     p.add_argument("--out", default=None, help="output folder (unset=%(default)s: runs/compare-<suite>[-quick])")
     p.add_argument("--steps", type=int, default=None,
@@ -310,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_defaults(args) -> None:
     base = QUICK if args.quick else FULL
-    for key in ("steps", "batch_size", "num_samples", "extractor", "fid_threshold", "threads"):
+    for key in ("steps", "batch_size", "num_samples", "extractor", "fid_threshold", "threads", "jobs"):
         if getattr(args, key) is None:
             setattr(args, key, base[key])
     if args.out is None:

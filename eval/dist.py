@@ -14,6 +14,12 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+# The rank helpers shared with the trainer (trainer/dist.py imports nothing of the training loop).
+from trainer.dist import all_reduce_, barrier, broadcast_object, initialized, is_main, print0, rank, world_size
+
+__all__ = ["init", "device", "initialized", "rank", "world_size", "is_main", "print0", "barrier",
+           "exact_slice", "all_reduce_sum_", "broadcast_object", "gather_rows", "all_gather_counts"]
+
 _STATE = None
 
 
@@ -40,32 +46,6 @@ def device() -> torch.device:
     return torch.device("cpu") if dev.type == "cpu" else dev  # accelerate says "cpu:0" on MULTI_CPU
 
 
-def initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def print0(*args, **kwargs) -> None:
-    if is_main():
-        print(*args, **kwargs, flush=True)
-
-
-def barrier() -> None:
-    if initialized() and world_size() > 1:
-        dist.barrier()
-
-
 def exact_slice(total: int, rank_: Optional[int] = None, world: Optional[int] = None) -> Tuple[int, int]:
     """This rank's disjoint, contiguous part ``[start, end)`` of ``range(total)``.
 
@@ -79,18 +59,7 @@ def exact_slice(total: int, rank_: Optional[int] = None, world: Optional[int] = 
 
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks."""
-    if initialized() and world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def broadcast_object(obj):
-    """Rank 0's object on every rank."""
-    if not (initialized() and world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return all_reduce_(t, "sum")
 
 
 def gather_rows(rows: torch.Tensor, counts: Sequence[int]) -> Optional[torch.Tensor]:

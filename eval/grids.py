@@ -166,7 +166,8 @@ def save_grid(images: torch.Tensor, path: str, nrow: int, scale: int = 1) -> Non
     torchvision.utils.save_image(torchvision.utils.make_grid(x, nrow=nrow, padding=1, pad_value=1.0), path)
 
 
-def _ints(text: Optional[str], flag: str) -> Optional[List[int]]:
+def int_list(text: Optional[str], flag: str) -> Optional[List[int]]:
+    """``"0,5"`` -> ``[0, 5]`` (None for an unset option); a clear error names the flag."""
     if not text:
         return None
     try:
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     kinds = KINDS if args.kind == "all" else (args.kind,)
     try:
-        classes = _ints(args.classes, "--classes")
+        classes = int_list(args.classes, "--classes")
         G, meta = load(args.path, args.which)
         k = num_classes_of(G)
         bad = [c for c in classes or [] if not 0 <= c < max(k, 1)]

@@ -24,7 +24,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 if __package__ in (None, ""):  # run as a script path: import eval/ as the package, not its files
     _HERE = os.path.dirname(os.path.abspath(__file__))

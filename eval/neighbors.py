@@ -37,6 +37,7 @@ import torch
 import torchvision
 
 from eval import dist
+from eval.grids import int_list
 
 SPACES = ("phi", "pixel")
 
@@ -171,15 +172,6 @@ def _data_queries(source, indices: List[int]) -> torch.Tensor:
     return torch.cat([next(iter(source.batches(i, i + 1, 1)))[0] for i in indices])
 
 
-def _ints(text: Optional[str], flag: str) -> Optional[List[int]]:
-    if not text:
-        return None
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: expected comma-separated integers") from None
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -215,12 +207,12 @@ def main(argv=None) -> int:
         device = dist.device()
         source = open_source(args.data, args.resolution)
         D, info = (load_discriminator(args.ckpt, device) if "phi" in spaces else (None, {}))
-        indices = _ints(args.query_indices, "--query-indices")
+        indices = int_list(args.query_indices, "--query-indices")
         if indices:
             queries, q_classes = _data_queries(source, indices), None
         else:
             queries, q_classes = _generated_queries(args.ckpt, args.num_queries,
-                                                    _ints(args.classes, "--classes"), args.seed, device)
+                                                    int_list(args.classes, "--classes"), args.seed, device)
         result = search(queries, source, D, args.k, spaces, args.batch_size, args.num_images, device)
     except (CheckpointError, DataError, ValueError) as exc:  # eval.ckpt's errors are ValueErrors
         print(f"error: {exc}", file=sys.stderr)

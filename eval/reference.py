@@ -26,7 +26,6 @@ if __package__ in (None, ""):  # run as a script path: import eval/ as the packa
     _HERE = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
-import torch
 
 from eval import dist
 from eval.collect import Collected, Collector

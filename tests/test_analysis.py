@@ -264,7 +264,7 @@ def test_help_shows_defaults(module):
 def test_compare_quick_mode_table_has_every_row(tmp_path, capsys):
     from eval import compare
     args = ["--suite", "seeds", "--quick", "--steps", "1", "--num-samples", "32", "--batch-size", "4",
-            "--width", "4", "--extractor", "tiny-test", "--out", str(tmp_path)]
+            "--width", "4", "--extractor", "tiny-test", "--out", str(tmp_path), "--jobs", "1"]  # in this process
     threads = torch.get_num_threads()
     assert compare.main(args) == 0
     assert torch.get_num_threads() == threads  # --threads (quick: 1) is undone afterwards
@@ -292,16 +292,18 @@ def test_compare_jobs_trains_rows_in_parallel_processes_and_forwards_sigterm(tmp
             "--rows", "cifar10_dcgan,cifar10_sngan_w_cnn,cifar10_sngan_hinge_resnet"]
     proc = subprocess.Popen([*base, "--steps", "100000"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    logs = [out / exp / "train.log" for exp in ("cifar10_dcgan", "cifar10_sngan_w_cnn")]
-    deadline = time.time() + 120
-    # Both trainers have their stop handlers (installed before this line is printed); a signal any
-    # time after it is answered with a checkpoint after the current step.
-    while not all(p.is_file() and "run folder" in p.read_text() for p in logs):
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
-        time.sleep(0.5)
-    assert not (out / "cifar10_sngan_hinge_resnet" / "train.log").exists()  # the third waits for a slot
-    proc.send_signal(signal.SIGTERM)
-    text = proc.communicate(timeout=120)[0]
+    try:
+        logs = [out / exp / "train.log" for exp in ("cifar10_dcgan", "cifar10_sngan_w_cnn")]
+        deadline = time.time() + 120
+        # Both trainers have their stop handlers (installed before this line is printed); a signal any
+        # time after it is answered with a checkpoint after the current step.
+        while not all(p.is_file() and "run folder" in p.read_text() for p in logs):
+            assert proc.poll() is None and time.time() < deadline, "compare exited early or timed out"
+            time.sleep(0.5)
+        assert not (out / "cifar10_sngan_hinge_resnet" / "train.log").exists()  # the third waits for a slot
+    finally:  # whatever failed above, the comparison and its trainers stop (SIGTERM is forwarded)
+        proc.send_signal(signal.SIGTERM)
+        text = proc.communicate(timeout=120)[0]
     assert proc.returncode == 75, text
     assert "cifar10_dcgan" in text and "cifar10_sngan_w_cnn" in text and "run the same command again" in text
     for exp in ("cifar10_dcgan", "cifar10_sngan_w_cnn"):

@@ -32,7 +32,7 @@ def print0(*args, **kwargs) -> None:
 
 
 def barrier() -> None:
-    if initialized():
+    if initialized() and world_size() > 1:
         dist.barrier()
 
 
