@@ -24,13 +24,14 @@ Rows train one after another, each with ``--launcher`` (e.g. ``"accelerate launc
 --num_processes 8"``) or in this process.
 
 ``--quick`` sizes it for a CPU: the embedded shapes10 data at 32 px, unconditional, narrow
-models, a small batch, one CPU thread, ``--steps`` 200 G iterations (11 CPU minutes; 20 minutes
-of wall time on a shared 2-core machine), 1000 samples, and the ``shapes10-cnn`` extractor
+models (width 16), batch 32, ``--steps`` 1000 G iterations, rows trained side by side (``--jobs``:
+one per core, one thread each; 37 minutes of wall time for the seven rows on an idle 2-core
+machine, 50 CPU minutes), 1000 samples, and the ``shapes10-cnn`` extractor
 (``eval/shapes_classifier.py``: Inception runs at one to two images per second on a busy 2-core CPU)
-with "works" at FID_shapes < 5 (see ``QUICK`` for the calibration). Quick numbers measure only
-whether each recipe learns *something* on a toy data set in a tiny budget: FID at N=1000 is biased
-upward (see the "real data" row, two disjoint real sets of N images) and comparable only within
-the table, never with published Inception FIDs.
+with "works" at FID_shapes < 5 (see ``QUICK`` for the calibration). At 200 steps no row works yet.
+Quick numbers measure only whether each recipe learns the toy data set in a small budget (one
+seed): FID at N=1000 is biased upward (see the "real data" row, two disjoint real sets of N
+images) and comparable only within the table, never with published Inception FIDs.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ QUICK_WIDTH = {"cnn32": 16, "dcgan32": 16, "resnet32": 16}
 # threads: the quick models' ops are too small to gain from intra-op threads, and on a shared CPU two
 # OpenMP threads made a width-16 CNN's D step 20x slower than one (4.0 s vs 0.18 s, measured here).
 # jobs: rows train side by side, one process per core, each with one thread.
-QUICK = dict(steps=200, num_samples=1000, batch_size=32, extractor="shapes10-cnn", fid_threshold=5.0, threads=1,
+QUICK = dict(steps=1000, num_samples=1000, batch_size=32, extractor="shapes10-cnn", fid_threshold=5.0, threads=1,
              jobs=max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 FULL = dict(steps=0, num_samples=50000, batch_size=0, extractor="inception", fid_threshold=50.0, threads=0, jobs=1)
 
