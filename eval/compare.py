@@ -15,7 +15,9 @@ when (1) training finished with finite losses, (2) FID < ``--fid-threshold`` and
 collapsed: the generated features' total variance ``tr(Sigma_g)`` is at least
 ``--min-variance-ratio`` of the data's ``tr(Sigma_r)``. The table (markdown) is printed and
 written to ``OUT/compare.md`` with the numbers in ``OUT/compare.json``; each row's run folder is
-``OUT/<experiment>/`` (a rerun reuses finished runs, so an interrupted comparison continues).
+``OUT/<experiment>/`` (a rerun reuses finished runs, so an interrupted comparison continues; a
+folder trained with another config is refused). Trailing ``KEY=VALUE`` arguments override the
+trainer config of every row, e.g. ``train.seed=1`` to train the table again with another seed.
 
 Full size (GPUs): the experiments' own data (``--data-path``, CIFAR-10 WebDataset shards), their
 widths and batch sizes, 50000 samples, Inception features (``--ref``: a stats file from
@@ -149,6 +151,43 @@ def checkpoint_step(ckpt: str) -> int:
     return int(os.path.basename(ckpt).split("-")[-1])
 
 
+# Keys a rerun may change without making a run folder another experiment: the budget (a smaller one
+# counts a longer run as finished, a larger one continues it) and logging/checkpoint cadence.
+RERUN_KEYS = {"train.steps", "train.ckpt_every", "train.sample_every", "train.log_every", "train.keep_ckpts",
+              "train.progress", "train.resume", "data.num_workers"}
+
+
+def _flat(d: dict, prefix: str = "") -> Dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_run_folder(run_dir: str, cfg) -> None:
+    """Refuse a run folder trained with another config (e.g. other overrides or --width): reusing or
+    continuing it would put another experiment's numbers in this table."""
+    import yaml
+    from trainer.config import to_dict
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as fh:
+            old = _flat(yaml.safe_load(fh) or {})
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc}); remove {run_dir} or use another --out") from exc
+    new = _flat(to_dict(cfg))
+    diff = {k: (old.get(k), v) for k, v in new.items() if k not in RERUN_KEYS and old.get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(f"{run_dir} was trained with another config ({shown}); use another --out "
+                         "or remove that folder")
+
+
 def finished_checkpoint(run_dir: str, steps: int) -> Optional[str]:
     """The newest complete checkpoint at ``steps`` or later (a run stopped by a signal just after
     ``steps``, then given a smaller budget, counts as finished at its own step)."""
@@ -260,6 +299,8 @@ def table(rows: Sequence[dict], args, floor: Optional[dict]) -> str:
     lines.append(f"Mode {mode}; {args.num_samples} samples per row; extractor `{args.extractor}`. Works = training "
                  f"finished with finite losses, FID < {args.fid_threshold:g} and feature variance ratio "
                  f"tr(Sigma_g)/tr(Sigma_r) >= {args.min_variance_ratio:g} (no collapse).")
+    if args.overrides:
+        lines.append("Every row trained with " + ", ".join(f"`{o}`" for o in args.overrides) + ".")
     if args.quick:
         lines.append(f"FID at N={args.num_samples} is biased upward (see the real-data row) and comparable only "
                      "within this table.")
@@ -305,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"intra-op CPU threads for training and scoring, 0: torch's default (unset=%(default)s: quick "
                         f"{QUICK['threads']}, full {FULL['threads']})")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the scored samples")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="trainer config overrides for every row, applied after the suite's sizing, e.g. "
+                        "train.seed=1 for another training seed (a run folder trained with other values is refused)")
     p.add_argument("--no-floor", action="store_true",
                    help="skip the real-data row (N more real images against the reference; it is also skipped "
                         "when the data has fewer than 2N images)")
@@ -350,8 +394,10 @@ def train_rows(rows: Sequence[Row], args) -> List[dict]:
     configs = []
     for row in rows:
         overrides = row_overrides(row.exp, args.quick, args.steps, args.batch_size, args.data_path, args.width)
+        overrides += args.overrides
         cfg = load_config(row.exp, overrides)
         check_data(cfg)
+        check_run_folder(os.path.join(args.out, row.exp), cfg)
         configs.append((row, overrides, cfg))
     results, todo = [], []
     for row, overrides, cfg in configs:

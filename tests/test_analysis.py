@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import models
@@ -279,6 +280,17 @@ def test_compare_quick_mode_table_has_every_row(tmp_path, capsys):
     assert compare.main(args) == 0
     assert capsys.readouterr().out.count("reusing") == 7
     assert compare.main([*args, "--rows", "cifar10_nope"]) == 2
+    # Trailing overrides reach every row's trainer; a folder trained with other values is refused.
+    assert compare.main([*args, "train.seed=3"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with another config (train.seed: 0 -> 3)" in err
+    other = [a if a != str(tmp_path) else str(tmp_path / "seed3") for a in args]
+    assert compare.main([*other, "--rows", "cifar10_dcgan", "train.seed=3", "train.n_dis=2"]) == 0
+    cfg = yaml.safe_load((tmp_path / "seed3" / "cifar10_dcgan" / "config.yaml").read_text())
+    assert cfg["train"]["seed"] == 3 and cfg["train"]["n_dis"] == 2
+    assert "Every row trained with `train.seed=3`, `train.n_dis=2`." in (tmp_path / "seed3" / "compare.md").read_text()
+    assert compare.main([*other, "train.sed=3"]) == 2
+    assert "did you mean train.seed" in capsys.readouterr().err
 
 
 def test_compare_jobs_trains_rows_in_parallel_processes_and_forwards_sigterm(tmp_path):
