@@ -157,30 +157,20 @@ RERUN_KEYS = {"train.steps", "train.ckpt_every", "train.sample_every", "train.lo
               "train.progress", "train.resume", "data.num_workers"}
 
 
-def _flat(d: dict, prefix: str = "") -> Dict[str, object]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def check_run_folder(run_dir: str, cfg) -> None:
     """Refuse a run folder trained with another config (e.g. other overrides or --width): reusing or
     continuing it would put another experiment's numbers in this table."""
     import yaml
-    from trainer.config import to_dict
+    from trainer.config import flatten, to_dict
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         return
     try:
         with open(path) as fh:
-            old = _flat(yaml.safe_load(fh) or {})
+            old = flatten(yaml.safe_load(fh) or {})
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(f"{path} is unreadable ({exc}); remove {run_dir} or use another --out") from exc
-    new = _flat(to_dict(cfg))
+    new = flatten(to_dict(cfg))
     diff = {k: (old.get(k), v) for k, v in new.items() if k not in RERUN_KEYS and old.get(k) != v}
     if diff:
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))

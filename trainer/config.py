@@ -163,11 +163,12 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     setattr(obj, parts[-1], _coerce(key, value, hints[f.name]))
 
 
-def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the dotted keys that overrides use."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -188,7 +189,7 @@ def _load_experiment(name: str, seen: Sequence[str] = ()) -> Dict[str, Any]:
         raise ConfigError(f"{path}: an experiment file must be a mapping of sections")
     base = tree.pop("base", None)
     flat = _load_experiment(base, (*seen, str(path))) if base else {}
-    flat.update(_flatten(tree))
+    flat.update(flatten(tree))
     return flat
 
 
