@@ -22,6 +22,10 @@ class DataConfig:
     # Random square crop of this fraction of the short side, resized back to data.resolution
     # (the projection paper's ImageNet augmentation uses 0.9); 1.0 = no random crop.
     random_crop_ratio: float = 1.0
+    # Check the shards against manifest.json before training: quick (size, header hash and tar
+    # header of every shard: one small read each), full (the sha256 of every byte, in parallel), or
+    # off (train on whatever is there; damaged samples are skipped and counted).
+    verify: str = "quick"
     # Number of distinct images of the synthetic dataset (sample i is a pure function of (seed, i)).
     synthetic_size: int = 50000
     synthetic_seed: int = 0

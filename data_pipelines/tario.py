@@ -29,6 +29,9 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import numpy as np
 
 BLOCK = 512
+# The manifest records the sha256 of each shard's first HEAD_BYTES as well as of the whole shard, so
+# that a quick check at load time (one small read per shard) tells a shard from a copy of another.
+HEAD_BYTES = 1 << 16
 IMAGE_EXTENSIONS = ("img.jpg", "jpg", "jpeg", "png", "webp", "img.png")
 LABEL_EXTENSIONS = ("cls", "label", "class")
 
@@ -113,6 +116,13 @@ def _checksum_ok(header: bytes) -> bool:
         return False
     computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
     return stored == computed
+
+
+def header_ok(block: bytes) -> bool:
+    """True when ``block`` (the first 512 bytes of a file) is an intact tar member header."""
+    if len(block) < BLOCK or block.count(0) == BLOCK:
+        return False
+    return bytes(block[257:262]) == b"ustar" or _checksum_ok(bytes(block[:BLOCK]))
 
 
 def iter_members(buf: bytes) -> Iterator[Tuple[str, int, int]]:

@@ -49,7 +49,7 @@ from torchvision.transforms.v2 import functional as TF
 from .config import DataConfig
 from .manifest import ShardSet, resolve_shards
 from .stream import register_backend
-from .tario import BAD_LABEL, key_at, load_index, read_shard
+from .tario import BAD_LABEL, COL_LABEL, COL_OFFSET, key_at, load_index, read_shard
 
 log = logging.getLogger("data_pipelines.wds")
 _JPEG_EXTS = ("img.jpg", "jpg", "jpeg")
@@ -141,14 +141,26 @@ def fit_square(img: torch.Tensor, resolution: int, crop_ratio: float = 1.0,
     return img
 
 
+class DataUnreadable(ValueError):
+    """A reader found no readable sample at all (every shard it was given is damaged)."""
+
+
 class _Warner:
+    """Counts skipped samples. A sample that fails to decode is reported for the first five, then
+    every 1000th; a shard that loses samples (unreadable, damaged, labels out of range) is reported
+    every time, with the count."""
+
     def __init__(self, where: str):
         self.where, self.count = where, 0
 
     def __call__(self, message: str, n: int = 1) -> None:
-        self.count += n
-        if self.count <= 5 or self.count % 1000 < n:
+        before, self.count = self.count, self.count + n
+        if self.count <= 5 or self.count // 1000 > before // 1000:
             log.warning("%s: %s (%d skipped so far)", self.where, message, self.count)
+
+    def shard(self, message: str, n: int) -> None:
+        self.count += n
+        log.warning("%s: %s (%d skipped so far)", self.where, message, self.count)
 
 
 class ShardStream(IterableDataset):
@@ -165,6 +177,8 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = max(1, cfg.shuffle_buffer)
         self.start_batch = start_batch
         self.single_epoch = epoch  # set: yield that epoch only, last batch partial, with keys (tests, tools)
+        self.num_classes = shards.num_classes  # labels outside [0, num_classes) are skipped (0: unlabelled)
+        self._readable = 0
 
     # -- records ------------------------------------------------------------------------------
     # A record is a tuple (shard buffer, image offset, image size, label, is_jpeg).
@@ -176,15 +190,25 @@ class ShardStream(IterableDataset):
         try:
             buf = read_shard(path)
         except OSError as exc:
-            warn(f"cannot read shard {path}: {exc}", max(1, expected))
+            warn.shard(f"cannot read shard {path}: {exc}; its {expected} samples for this reader are skipped",
+                       max(1, expected))
             return None, []
         index, damage = load_index(path, buf)
-        rows = index[part::parts].tolist()
-        if damage is not None or len(rows) < expected:
-            warn(f"shard {path} is damaged ({damage or 'fewer samples than the manifest'}); "
-                 f"{len(rows)} of its {expected} samples for this reader are readable",
-                 max(1, expected - len(rows)))
-        return buf, rows
+        part_index = index[part::parts]
+        if damage is not None or len(part_index) < expected:
+            warn.shard(f"shard {path} is damaged ({damage or 'fewer samples than the manifest'}); "
+                       f"{len(part_index)} of its {expected} samples for this reader are readable",
+                       max(1, expected - len(part_index)))
+        if self.num_classes > 0 and len(part_index):
+            labels = part_index[:, COL_LABEL]
+            bad = (labels != BAD_LABEL) & ((labels < 0) | (labels >= self.num_classes))
+            if bad.any():
+                keys = [key_at(buf, int(o)) for o in part_index[bad][:3, COL_OFFSET]]
+                warn.shard(f"shard {path}: {int(bad.sum())} samples with labels outside [0, {self.num_classes}) "
+                           f"skipped, e.g. {', '.join(keys)} (label {int(labels[bad][0])})", int(bad.sum()))
+                part_index = part_index[~bad]
+        self._readable += len(part_index)
+        return buf, part_index.tolist()
 
     def _slot_stream(self, slot: int, skip: int, warn: _Warner) -> Iterator[tuple]:
         """Records ``(shard bytes, offset, size, label, is_jpeg)`` of this slot forever (or for
@@ -223,9 +247,10 @@ class ShardStream(IterableDataset):
             if self.single_epoch is not None:
                 return
             empty = 0 if n else empty + 1
-            if empty > 100:
-                raise RuntimeError(f"reader slot {slot} found no readable samples in 100 epochs; "
-                                   f"are all shards damaged? ({self.paths[:2]} ...)")
+            if empty >= 3:
+                raise DataUnreadable(f"no readable sample in {len(self.paths)} shards ({self.paths[0]} ...) "
+                                     f"after 3 passes: every shard this reader was given is damaged or empty; "
+                                     f"check them with `python -m data_pipelines.verify`")
             epoch += 1
 
     # -- batches ------------------------------------------------------------------------------
@@ -332,6 +357,7 @@ class WebDatasetStream:
         self.shards = resolve_shards(cfg.path)
         self.num_classes = self.shards.num_classes
         self.resolution = cfg.resolution
+        self.stored_resolution = self.shards.resolution
         if self.shards.resolution is not None and self.shards.resolution != cfg.resolution:
             log.warning("shards hold %dpx images, data.resolution=%d: resizing every image while loading "
                         "(slow; write shards at the training resolution)", self.shards.resolution, cfg.resolution)

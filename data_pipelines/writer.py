@@ -37,7 +37,7 @@ import numpy as np
 from .imaging import UndecodableImage, convert_array, convert_file
 from .manifest import MANIFEST_NAME, MANIFEST_VERSION, read_manifest, write_manifest
 from .sources import Source
-from .tario import atomic_write, build_shard, index_path, save_index, sha256_bytes
+from .tario import HEAD_BYTES, atomic_write, build_shard, index_path, save_index, sha256_bytes
 
 FORMATS = ("webdataset", "ffcv")
 STATE_DIR = ".prepare-state"
@@ -149,7 +149,7 @@ def _write_shard(task: Tuple[int, str, str, np.ndarray]) -> dict:
     save_index(index_path(Path(folder) / name), index)  # before the shard: a shard never lacks its index
     atomic_write(Path(folder) / name, data)
     stats = {"name": name, "samples": len(samples), "bytes": len(data), "sha256": sha256_bytes(data),
-             "index": index_path(name).name, "skipped": skipped}
+             "head_sha256": sha256_bytes(data[:HEAD_BYTES]), "index": index_path(name).name, "skipped": skipped}
     atomic_write(Path(folder) / STATE_DIR / f"{name}.json", json.dumps(stats).encode())
     return stats
 

@@ -19,11 +19,14 @@ pytestmark = pytest.mark.slow
 MAIN = os.path.join(ROOT, "trainer", "main.py")
 
 
-def train(out, *overrides):
+def train(out, *overrides, expect=0):
     if not os.path.isfile(MAIN):
         pytest.fail("trainer/main.py is missing")
     proc = subprocess.run([sys.executable, MAIN, "--exp", "default", "--out", str(out), *TINY, *overrides],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == expect, f"trainer exited {proc.returncode}, expected {expect}:\n{proc.stdout}\n{proc.stderr}"
+    if expect:
+        return None, proc
     assert proc.returncode == 0, f"trainer failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], proc
 
@@ -45,8 +48,15 @@ def test_trainer_runs_from_webdataset_shards_and_logs_skips(cifar):
         for offset, size in idx[:, :2].tolist():
             raw[offset:offset + size] = b"\0" * size
         shard.write_bytes(bytes(raw))
-    records, proc = train(root / "run-wds", "data.backend=webdataset", f"data.path={shards}",
-                          "data.resolution=32", "data.num_workers=1", "train.steps=3")
+    args = ("data.backend=webdataset", f"data.path={shards}", "data.resolution=32", "data.num_workers=1",
+            "train.steps=3")
+    # By default the shards are checked against the manifest first: refused, nothing written.
+    _, refused = train(root / "run-refused", *args, expect=2)
+    assert "shard-000000.tar" in refused.stderr and "shard-000001.tar" in refused.stderr
+    assert "data.verify=off" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (root / "run-refused" / "config.yaml").exists()
+    # data.verify=off: train anyway; the damaged samples are skipped and counted.
+    records, proc = train(root / "run-wds", *args, "data.verify=off")
     assert records[-1]["step"] == 3
     assert records[-1]["data/skipped"] > 0  # counted in the loader worker, logged by the trainer
     assert "skipping sample" in proc.stderr

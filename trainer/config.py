@@ -98,6 +98,7 @@ CHOICES = {
     "optim.name": ("adam", "rmsprop"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "data.backend": ("synthetic", "webdataset", "ffcv"),
+    "data.verify": ("off", "quick", "full"),
 }
 
 
@@ -123,6 +124,10 @@ def _unknown_key(cfg: Config, key: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
+_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False,
+               "1": True, "0": False}
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     target = {"int": int, "float": float, "str": str, "bool": bool}.get(
         annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
@@ -135,6 +140,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             value = target(value)
         except ValueError:
             pass
+    if target is str and isinstance(value, bool) and CHOICES.get(key) and ("off" if not value else "on") in CHOICES[key]:
+        value = "off" if not value else "on"  # YAML 1.1 reads off/on as booleans
+    if target is bool and isinstance(value, str) and value.lower() in _BOOL_WORDS:
+        value = _BOOL_WORDS[value.lower()]
     if target is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, target) or (target is int and isinstance(value, bool)):
@@ -183,8 +192,17 @@ def _load_experiment(name: str, seen: Sequence[str] = ()) -> Dict[str, Any]:
                           + f" (available: {', '.join(available_experiments())})")
     if str(path) in seen:
         raise ConfigError(f"experiment '{name}' extends itself through 'base:'")
-    with open(path) as fh:
-        tree = yaml.safe_load(fh) or {}
+    try:
+        with open(path) as fh:
+            tree = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:  # malformed YAML, or a tag such as !!python/object (never constructed)
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not a valid experiment YAML file{at}: {problem}; experiment files hold "
+                          f"plain mappings of keys to numbers, strings and booleans") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: unreadable ({exc})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: an experiment file must be a mapping of sections")
     base = tree.pop("base", None)
@@ -197,6 +215,8 @@ def parse_override(text: str) -> tuple:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key=value (e.g. train.batch_size=32)")
     key, raw = text.split("=", 1)
+    if raw.strip().lower() in ("on", "off", "yes", "no", "y", "n"):
+        return key.strip(), raw.strip()  # YAML 1.1 would make these booleans; the key's type decides
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -215,18 +235,103 @@ def load_config(exp: str = "default", overrides: Sequence[str] = ()) -> Config:
     return cfg
 
 
+# Sizes: (key, minimum). Upper bounds catch typos (an extra zero) before memory runs out.
+MIN_INT = {
+    "train.steps": 1, "train.batch_size": 1, "train.g_batch_size": 0, "train.n_dis": 1,
+    "train.log_every": 1, "train.sample_every": 1, "train.ckpt_every": 1, "train.keep_ckpts": 1,
+    "train.ema_start_step": 0, "model.num_classes": 0, "model.ch": 0, "model.g_ch": 0, "model.d_ch": 0,
+    "model.z_dim": 1, "model.n_power_iterations": 1, "optim.decay_start": 0, "optim.decay_end": 0,
+    "data.resolution": 1, "data.num_workers": 0, "data.shuffle_buffer": 1, "data.synthetic_size": 1,
+}
+MAX_INT = {"train.batch_size": 1 << 20, "train.g_batch_size": 1 << 20, "train.n_dis": 1000,
+           "model.num_classes": 1 << 20, "model.ch": 1 << 14, "model.g_ch": 1 << 14, "model.d_ch": 1 << 14,
+           "model.z_dim": 1 << 16, "model.n_power_iterations": 1000, "data.resolution": 4096,
+           "data.num_workers": 256}
+# Floats: (key, minimum, strictly greater?, maximum or None, strictly less?)
+FLOAT_RANGES = {
+    "optim.lr_g": (0.0, True, None, False), "optim.lr_d": (0.0, True, None, False),
+    "optim.beta1": (0.0, False, 1.0, True), "optim.beta2": (0.0, False, 1.0, True),
+    "loss.gp_weight": (0.0, False, None, False), "loss.orth_weight": (0.0, False, None, False),
+    "loss.clip_value": (0.0, True, None, False), "train.ema_half_life_kimg": (0.0, False, None, False),
+    "data.random_crop_ratio": (0.0, True, 1.0, False),
+}
+
+
+def _get(cfg: Config, key: str):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def validate(cfg: Config) -> None:
+    """Every value in range and the models buildable, before anything runs; the message names the key."""
+    import math
+    for key, low in MIN_INT.items():
+        value = _get(cfg, key)
+        if value < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value}")
+        high = MAX_INT.get(key)
+        if high is not None and value > high:
+            raise ConfigError(f"{key}={value} is larger than {high}; a typo?")
+    for key, (low, strict_low, high, strict_high) in FLOAT_RANGES.items():
+        value = _get(cfg, key)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+        if value < low or (strict_low and value == low):
+            raise ConfigError(f"{key} must be {'>' if strict_low else '>='} {low:g}, got {value:g}")
+        if high is not None and (value > high or (strict_high and value == high)):
+            raise ConfigError(f"{key} must be {'<' if strict_high else '<='} {high:g}, got {value:g}")
     t = cfg.train
-    for key in ("steps", "batch_size", "n_dis", "log_every", "sample_every", "ckpt_every", "keep_ckpts"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    if t.g_batch_size < 0:
-        raise ConfigError(f"train.g_batch_size must be >= 0, got {t.g_batch_size}")
-    if cfg.model.num_classes < 0:
-        raise ConfigError(f"model.num_classes must be >= 0, got {cfg.model.num_classes}")
     if t.resume not in ("auto", "none") and not os.path.isdir(t.resume):
         raise ConfigError(f"train.resume must be auto, none or an existing checkpoint folder; "
                           f"{t.resume!r} is not a folder")
+    _validate_models(cfg)
+
+
+def _validate_models(cfg: Config) -> None:
+    """Build G and D on the meta device (no memory, no compute) to check names and sizes."""
+    import torch
+
+    import models
+    from .build import discriminator_kwargs, generator_kwargs
+    from .regularizers import build_constraint
+    m = cfg.model
+    for kind, name, valid in (("g", m.g, models.generator_names()), ("d", m.d, models.discriminator_names())):
+        if name not in valid:
+            near = difflib.get_close_matches(name, valid, n=3)
+            raise ConfigError(f"model.{kind}={name!r} is not a known architecture; valid: {', '.join(valid)}"
+                              + (f" (did you mean {', '.join(near)}?)" if near else ""))
+    constraint = build_constraint(m.d_constraint)
+    try:
+        with torch.device("meta"):
+            G = models.build_generator(m.g, **generator_kwargs(cfg))
+            D = models.build_discriminator(m.d, **discriminator_kwargs(cfg, constraint))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"model.g={m.g} / model.d={m.d} cannot be built with these sizes "
+                          f"(ch={m.ch}, g_ch={m.g_ch}, d_ch={m.d_ch}, z_dim={m.z_dim}, "
+                          f"num_classes={m.num_classes}): {exc}") from None
+    for who, module in (("g", G), ("d", D)):
+        res = getattr(module, "resolution", None)
+        if res is not None and res != cfg.data.resolution:
+            raise ConfigError(f"model.{who}={getattr(m, who)} works at {res}x{res} px but data.resolution="
+                              f"{cfg.data.resolution}; set data.resolution={res} or choose a "
+                              f"{cfg.data.resolution} px model ({_models_at(cfg.data.resolution)})")
+
+
+def _models_at(resolution: int) -> str:
+    import torch
+
+    import models
+    names = []
+    with torch.device("meta"):
+        for name in models.generator_names():
+            try:
+                if getattr(models.build_generator(name), "resolution", None) == resolution:
+                    names.append(name)
+            except Exception:  # noqa: BLE001 - only listing what exists
+                pass
+    return "available: " + ", ".join(names) if names else "none exists"
 
 
 def to_dict(cfg: Config) -> Dict[str, Any]:

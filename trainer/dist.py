@@ -58,3 +58,12 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def first_error(message):
+    """The first rank's non-None error message, on every rank (None when no rank has one)."""
+    if not (initialized() and world_size() > 1):
+        return message
+    every = [None] * world_size()
+    dist.all_gather_object(every, message)
+    return next((m for m in every if m), None)

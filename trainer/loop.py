@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 import models
 from models.export import save_generator
 from data_pipelines import build_train_stream, to_model_range
+from data_pipelines.verify import check_training_data
 
 from . import checkpoint, dist
 from .build import Parts, lr_factor
@@ -41,6 +42,24 @@ EXIT_PREEMPTED = 75          # EX_TEMPFAIL: checkpoint saved on a stop signal; r
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class StorageError(RuntimeError):
+    """A write into the run folder failed (full disk, quota, I/O error); checkpoints before it are intact."""
+
+
+class DataMismatch(ValueError):
+    """The data does not fit the model or config (resolution, classes); found before the first step."""
+
+
+@dataclass
+class ResumePlan:
+    """What ``train()`` decided before building anything: the checkpoint to load (or None), its meta,
+    the config keys that changed since it was written, and whether optimizer states carry over."""
+    path: Optional[str] = None
+    meta: Optional[dict] = None
+    changed: Optional[dict] = None
+    fresh_optimizers: bool = False
 
 
 @dataclass
@@ -97,6 +116,7 @@ class Loop:
         self.base_lr = {ph.name: [g["lr"] for g in ph.opt.param_groups] for ph in self.phases}
         self.stream = None
         self.data_iter = None
+        self._batch_checked = False
 
     # ----------------------------------------------------------------- inputs
     def _latents(self, n: int):
@@ -107,6 +127,12 @@ class Loop:
 
     def _real(self):
         images, labels = next(self.data_iter)
+        if not self._batch_checked:  # the stream's first batch: the size the model will really see
+            want = (self.d_batch, 3, self.cfg.data.resolution, self.cfg.data.resolution)
+            if tuple(images.shape) != want:
+                raise DataMismatch(f"the data stream gives batches of shape {tuple(images.shape)}, the model "
+                                   f"expects {want} (data.resolution={self.cfg.data.resolution})")
+            self._batch_checked = True
         x = to_model_range(images, self.device, self.cfg.train.channels_last)
         y = labels.to(self.device, non_blocking=True) if self.num_classes > 0 else None
         return x, y
@@ -162,42 +188,102 @@ class Loop:
         modules = {"G": p.G, **({"G_ema": p.G_ema} if p.G_ema is not None else {})}
         info = {"step": self.step, "images_seen": self.images_seen, "exp": cfg.exp}
         export = lambda path: save_generator(path, cfg.model.g, p.g_kwargs, modules, info)  # noqa: E731
-        meta = {"images_seen": self.images_seen, "model": to_dict(cfg)["model"], "exp": cfg.exp}
-        return checkpoint.save(self.ckpt_root, self.step, state, rank_state, meta, export, cfg.train.keep_ckpts)
+        full = to_dict(cfg)
+        meta = {"images_seen": self.images_seen, "model": full["model"], "exp": cfg.exp, "config": full}
+        return checkpoint.save(self.ckpt_root, self.step, state, rank_state, meta, export, cfg.train.keep_ckpts,
+                               protect=self.protected_checkpoints())
 
-    def resume(self) -> Optional[str]:
-        mode = self.cfg.train.resume
-        path = checkpoint.find_resume(self.ckpt_root) if mode == "auto" else (None if mode == "none" else mode)
+    def protected_checkpoints(self) -> List[str]:
+        """Checkpoints that pruning keeps whatever ``train.keep_ckpts`` says (the best one, when known)."""
+        return []
+
+    def resume(self, plan: ResumePlan) -> Optional[str]:
+        """Load ``plan.path`` (already chosen and verified by ``train()``) into every part."""
+        path = plan.path
         if path is None:
             return None
-        meta = checkpoint.read_meta(path)
-        want = to_dict(self.cfg)["model"]
-        if meta.get("model") != want:
-            diff = {k: (meta.get("model", {}).get(k), v) for k, v in want.items() if meta.get("model", {}).get(k) != v}
-            raise checkpoint.CheckpointError(f"{path} was trained with another model config "
-                                             f"(checkpoint vs now: {diff}); use another --out or train.resume=none")
         state, rank_state = self._state()
-        meta = checkpoint.load(path, state, rank_state)
+        if plan.fresh_optimizers:  # another optimizer class: its saved states do not apply
+            del state["opt_g"], state["opt_d"]
+        meta = checkpoint.load(path, state, rank_state, verified=True)
         p = self.p
-        set_optimizer_state_dict(p.G, p.opt_g, state["opt_g"])
-        set_optimizer_state_dict(p.D, p.opt_d, state["opt_d"])
-        self.phases[0].scaler.load_state_dict(state["scaler_d"])
-        self.phases[1].scaler.load_state_dict(state["scaler_g"])
+        if plan.fresh_optimizers:
+            dist.print0("optimizer changed (optim.name): G and D optimizers start with fresh states")
+        else:
+            try:
+                set_optimizer_state_dict(p.G, p.opt_g, state["opt_g"])
+                set_optimizer_state_dict(p.D, p.opt_d, state["opt_d"])
+            except (KeyError, ValueError, RuntimeError) as exc:
+                raise checkpoint.CheckpointError(f"{path}: its optimizer states do not fit this optimizer "
+                                                 f"({type(exc).__name__}: {exc})") from None
+        for ph, key in zip(self.phases, ("scaler_d", "scaler_g")):
+            if state[key] and ph.scaler.is_enabled():  # a disabled scaler (fp32/bf16) has no state
+                ph.scaler.load_state_dict(state[key])
         self.step = int(state["progress"]["step"])
         self.images_seen = int(state["progress"]["images_seen"])
-        same_world = meta["rank_state_loaded"] and meta.get("world_size") == self.world
+        saved_world = meta.get("world_size")
+        same_world = meta["rank_state_loaded"] and saved_world == self.world
         if same_world:
             self.gen.set_state(rank_state["gen"])
             torch.set_rng_state(rank_state["torch_cpu"])
             if "cuda" in rank_state:
                 torch.cuda.set_rng_state(rank_state["cuda"], self.device)
             self._start_batch, self._data_seed = int(rank_state["data_batches"]), self.cfg.train.seed
+            dist.print0(f"resumed from {path} at step {self.step} ({self.images_seen} images seen)")
         else:
             # New world size: fresh per-rank streams, seeded by the step so no epoch start is replayed.
             self.gen.manual_seed(self.cfg.train.seed * 1000 + self.rank + 1 + 7919 * self.step)
             self._start_batch, self._data_seed = 0, self.cfg.train.seed + self.step
-        dist.print0(f"resumed from {path} at step {self.step} ({self.images_seen} images seen)")
+            dist.print0(f"resumed from {path} at step {self.step} ({self.images_seen} images seen); the world "
+                        f"size changed from {saved_world} to {self.world} process(es): weights, optimizer states "
+                        f"and progress are restored exactly, the data and noise streams of every rank were "
+                        f"reseeded from the step (a different, not a replayed, sample order)")
         return path
+
+    def prepare(self, plan: ResumePlan) -> None:
+        """Everything before the first step: resume, the data stream and the checks that need it.
+
+        Raises before ``config.yaml`` is written when the data does not fit the model.
+        """
+        cfg, t = self.cfg, self.cfg.train
+        self._start_batch, self._data_seed = 0, t.seed
+        self.resume(plan)
+        error = None
+        if dist.is_main():
+            try:
+                check_training_data(cfg.data)   # data.verify: the files against their manifest
+            except ValueError as exc:
+                error = exc
+        error = dist.broadcast_object(error)
+        if error is not None:
+            raise DataMismatch(str(error))
+        self.stream = build_train_stream(cfg.data, batch_size=self.d_batch, rank=self.rank, world_size=self.world,
+                                         seed=self._data_seed, start_batch=self._start_batch)
+        self._check_data()
+        self.data_iter = iter(self.stream)
+
+    def _check_data(self) -> None:
+        cfg, p = self.cfg, self.p
+        data_classes = getattr(self.stream, "num_classes", 0) or 0
+        if cfg.model.num_classes and data_classes and data_classes != cfg.model.num_classes:
+            raise DataMismatch(f"model.num_classes={cfg.model.num_classes} but the data ({cfg.data.path or cfg.data.backend}) "
+                               f"has {data_classes} classes; set model.num_classes={data_classes}")
+        if cfg.model.num_classes and not data_classes and cfg.data.backend != "synthetic":
+            raise DataMismatch(f"model.num_classes={cfg.model.num_classes} but the data ({cfg.data.path}) has no "
+                               f"class labels; set model.num_classes=0 for an unconditional model")
+        res = cfg.data.resolution
+        for who, name, module in (("G", cfg.model.g, p.G), ("D", cfg.model.d, p.D)):
+            model_res = getattr(module, "resolution", None)
+            if model_res is not None and model_res != res:
+                what = "makes" if who == "G" else "takes"
+                raise DataMismatch(f"model.{who.lower()}={name} {what} {model_res}x{model_res} images but "
+                                   f"data.resolution={res}; use a {res} px model or data.resolution={model_res} "
+                                   f"(with data prepared at >= {model_res} px)")
+        stored = getattr(self.stream, "stored_resolution", None)
+        if stored and stored < res:
+            raise DataMismatch(f"{cfg.data.path} holds {stored}x{stored} images; training at data.resolution={res} "
+                               f"would upsample every image. Prepare the data at >= {res} px "
+                               f"(python -m data_pipelines.prepare ... --resolution {res}) or train a {stored} px model")
 
     # ----------------------------------------------------------------- checks and outputs
     def _check_finite(self) -> None:
@@ -221,32 +307,46 @@ class Loop:
         if skipped is not None:
             values["data/skipped"] = float(dist.all_reduce_(torch.tensor(float(skipped))).item())
         self._check_finite()
-        self.writer.write(self.step, values, {"images_seen": self.images_seen})
+        try:
+            self.writer.write(self.step, values, {"images_seen": self.images_seen})
+        except OSError as exc:
+            raise StorageError(f"could not append to {os.path.join(self.run_dir, 'metrics.jsonl')}: "
+                               f"{checkpoint.storage_reason(exc, self.run_dir)}") from None
         if bar is not None:
             bar.set_postfix({"img/s": f"{values['perf/images_per_s']:.0f}", "loss_d": f"{values.get('loss/d', 0):.3f}",
                              "loss_g": f"{values.get('loss/g', 0):.3f}"}, refresh=False)
 
     def _sample(self, z, y) -> None:
-        if not dist.is_main():
-            return
-        G = self.p.G_ema if self.p.G_ema is not None else self.p.G
-        grid = render_grid(G, z, y)
-        os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
-        save_grid(grid, os.path.join(self.run_dir, "samples", f"step-{self.step:09d}.png"))
-        self.writer.add_image("samples", grid, self.step)
+        error = None
+        if dist.is_main():
+            G = self.p.G_ema if self.p.G_ema is not None else self.p.G
+            grid = render_grid(G, z, y)
+            path = os.path.join(self.run_dir, "samples", f"step-{self.step:09d}.png")
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                save_grid(grid, path)
+                self.writer.add_image("samples", grid, self.step)
+            except OSError as exc:
+                error = f"could not write the sample grid {path}: {checkpoint.storage_reason(exc, self.run_dir)}"
+        error = dist.first_error(error)
+        if error:
+            raise StorageError(error)
+
+    def save_or_raise(self) -> str:
+        try:
+            return self.save()
+        except checkpoint.CheckpointWriteError as exc:
+            raise StorageError(str(exc)) from None
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> int:
+        """Train from the prepared state to ``train.steps``; EXIT_OK, or EXIT_PREEMPTED after a stop signal.
+
+        The stop flag is read after every step (also a step that just wrote its periodic
+        checkpoint), so a signal costs at most one step and one checkpoint. The checkpoint is written
+        before the sample grid: a full disk must not cost the checkpoint.
+        """
         cfg, t = self.cfg, self.cfg.train
-        self._start_batch, self._data_seed = 0, t.seed
-        self.resume()
-        self.stream = build_train_stream(cfg.data, batch_size=self.d_batch, rank=self.rank, world_size=self.world,
-                                         seed=self._data_seed, start_batch=self._start_batch)
-        if cfg.model.num_classes and getattr(self.stream, "num_classes", 0) and \
-                self.stream.num_classes != cfg.model.num_classes:
-            raise ValueError(f"model.num_classes={cfg.model.num_classes} but the data has "
-                             f"{self.stream.num_classes} classes")
-        self.data_iter = iter(self.stream)
         z_fixed, y_fixed = fixed_inputs(self.z_dim, self.num_classes, seed=t.seed)
         bar = None
         if dist.is_main() and t.progress:
@@ -261,15 +361,17 @@ class Loop:
                 steps_since += 1
                 if bar is not None:
                     bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.steps:
+                last = self.step == t.steps
+                if self.step % t.log_every == 0 or last:
                     self._log(bar, t_last, steps_since)
                     t_last, steps_since = time.perf_counter(), 0
-                if self.step % t.sample_every == 0 or self.step == t.steps:
+                saved = None
+                if self.step % t.ckpt_every == 0 or last:
+                    saved = self.save_or_raise()
+                if self.step % t.sample_every == 0 or last:
                     self._sample(z_fixed, y_fixed)
-                if self.step % t.ckpt_every == 0 or self.step == t.steps:
-                    self.save()
-                elif dist.any_rank(self.stop_requested(), self.device):
-                    path = self.save()
+                if not last and dist.any_rank(self.stop_requested(), self.device):
+                    path = saved or self.save_or_raise()
                     dist.print0(f"stop signal: checkpoint {path} written at step {self.step}; exiting")
                     status = EXIT_PREEMPTED
                     break
