@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import build_discriminator, build_generator, generator_names  # noqa: E402
+from models import build_discriminator, build_generator, discriminator_names, generator_names  # noqa: E402
 
 
 def count(module: torch.nn.Module) -> int:
@@ -37,13 +37,17 @@ def main() -> None:
             g = build_generator(name, num_classes=classes)
             d = build_discriminator(name, num_classes=classes)
         rows.append((name, g.resolution, classes, count(g), count(d)))
+    for name in sorted(set(discriminator_names()) - set(generator_names())):  # D-only layouts (cnn32code)
+        with torch.device("meta"):
+            d = build_discriminator(name)
+        rows.append((f"{name} (D only)", d.resolution, 0, None, count(d)))
     rows.sort(key=lambda r: (r[1], r[0]))
 
     print("| model | resolution | classes | G parameters | D parameters |")
     print("|---|---:|---:|---:|---:|")
     for name, res, classes, g_count, d_count in rows:
-        print(f"| {name} | {res} | {classes or '-'} | {g_count:,} ({g_count / 1e6:.2f} M) "
-              f"| {d_count:,} ({d_count / 1e6:.2f} M) |")
+        g_text = "-" if g_count is None else f"{g_count:,} ({g_count / 1e6:.2f} M)"
+        print(f"| {name} | {res} | {classes or '-'} | {g_text} | {d_count:,} ({d_count / 1e6:.2f} M) |")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,11 @@ class DataConfig:
     # header of every shard: one small read each), full (the sha256 of every byte, in parallel), or
     # off (train on whatever is there; damaged samples are skipped and counted).
     verify: str = "quick"
+    # Pixel scaling fed to D: x / pixel_scale - 1. 127.5 maps [0, 255] onto [-1, 1] exactly; the
+    # official Chainer code uses 128 plus uniform noise in [0, 1/128) (dequantize=true), which
+    # experiments that reproduce its results set.
+    pixel_scale: float = 127.5
+    dequantize: bool = False
     # Number of distinct images of the synthetic dataset (sample i is a pure function of (seed, i)).
     synthetic_size: int = 50000
     synthetic_seed: int = 0

@@ -65,10 +65,21 @@ def build_train_stream(cfg: DataConfig, *, batch_size: int, rank: int = 0, world
 
 
 def to_model_range(images: torch.Tensor, device: torch.device | str | None = None,
-                   channels_last: bool = False) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> float32 in [-1, 1] on ``device`` (the conversion happens on the device)."""
+                   channels_last: bool = False, scale: float = 127.5, dequantize: bool = False,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> float32 on ``device`` (the conversion happens on the device).
+
+    ``scale=127.5``: ``x / 127.5 - 1``, exactly [-1, 1] (the PyTorch GAN convention and the
+    evaluator's inverse ``round(127.5 x + 127.5)``). ``scale=128`` with ``dequantize=True`` is the
+    official Chainer code's form (sngan_projection ``datasets/``, chainer-gan-lib ``common/dataset``):
+    ``x / 128 - 1 + u``, ``u ~ U[0, 1/128)``, so that each of the 256 pixel levels becomes a uniform
+    interval of width 1/128 that tiles [-1, 1). ``generator`` draws the noise (the trainer passes
+    its checkpointed per-rank generator, so a resumed run draws the same noise).
+    """
     x = images.to(device, non_blocking=True) if device is not None else images
-    x = x.float().div_(127.5).sub_(1.0)
+    x = x.float().div_(scale).sub_(1.0)
+    if dequantize:
+        x.add_(torch.rand(x.shape, device=x.device, generator=generator).div_(scale))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x

@@ -130,8 +130,10 @@ def fit_square(img: torch.Tensor, resolution: int, crop_ratio: float = 1.0,
     _, h, w = img.shape
     short = min(h, w)
     if crop_ratio < 1.0 and crop_at is not None:
+        # The official offsets: randint(0, h - side - 1) (sngan_projection
+        # datasets/imagenet_dog_and_cat.py:29-33), i.e. h - side positions (one when h == side).
         side = max(1, int(short * crop_ratio))
-        top, left = int(crop_at[0] * (h - side + 1)), int(crop_at[1] * (w - side + 1))
+        top, left = int(crop_at[0] * max(1, h - side)), int(crop_at[1] * max(1, w - side))
     else:
         side = short
         top, left = (h - side) // 2, (w - side) // 2

@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a script path: import eval/ as the packa
 from eval import dist
 from eval.ckpt import CheckpointError, complete_checkpoints
 from eval.data import open_source
+from eval.generate import NonFiniteSamples
 from eval.main import EvalOptions, add_eval_args, evaluate, options_from_args
 from eval.reference import compute_reference, make_extractor
 from eval.statsfile import load_stats
@@ -135,6 +136,51 @@ def data_spec(cfg: dict, run_dir: str) -> str:
                      "give --ref STATS")
 
 
+def record_pruned(run_dir: str, tag: str) -> List[str]:
+    """Checkpoints the trainer saved and then pruned (``train.keep_ckpts``) before they were evaluated
+    with these settings: each gets one ``{"checkpoint", "skipped": ...}`` line in eval.jsonl, so a
+    gap in the results is explained instead of silent. Returns their names."""
+    log = os.path.join(run_dir, "checkpoints.jsonl")
+    if not os.path.isfile(log):
+        return []
+    saved, pruned = {}, set()
+    with open(log) as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("event") == "saved":
+                saved[rec.get("checkpoint")] = rec.get("step")
+            elif rec.get("event") == "pruned":
+                pruned.add(rec.get("checkpoint"))
+    done = evaluated(run_dir, tag) | skipped_records(run_dir, tag)
+    on_disk = {os.path.basename(p) for p in complete_checkpoints(run_dir)}
+    missed = sorted(n for n in pruned if n in saved and n not in done and n not in on_disk)
+    for name in missed:
+        append_result(run_dir, {"checkpoint": name, "settings": tag, "step": saved[name],
+                                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                "skipped": "pruned by the trainer (train.keep_ckpts) before it was evaluated"})
+        print(f"warning: {name} (step {saved[name]}) was pruned before it could be evaluated; raise "
+              f"train.keep_ckpts or evaluate more often", file=sys.stderr, flush=True)
+    return missed
+
+
+def skipped_records(run_dir: str, tag: str) -> Set[str]:
+    out = set()
+    path = os.path.join(run_dir, RESULTS)
+    if os.path.isfile(path):
+        with open(path) as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("settings") == tag and rec.get("skipped"):
+                    out.add(rec.get("checkpoint"))
+    return out
+
+
 def next_checkpoint(run_dir: str, tag: str, stale_after: float) -> Optional[str]:
     done = evaluated(run_dir, tag)
     for ckpt in complete_checkpoints(run_dir):
@@ -144,7 +190,7 @@ def next_checkpoint(run_dir: str, tag: str, stale_after: float) -> Optional[str]
     return None
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def _main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", help="a training run folder (with checkpoints/ and config.yaml)")
@@ -158,6 +204,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     add_eval_args(p)
     args = p.parse_args(argv)
     opts = options_from_args(args)
+    if not os.path.isdir(args.run_dir):
+        raise FileNotFoundError(f"run folder {args.run_dir!r} does not exist")
+    if not os.path.isdir(os.path.join(args.run_dir, "checkpoints")) and not args.watch:
+        raise ValueError(f"{args.run_dir!r} is not a run folder (no checkpoints/ in it)")
     dist.init()
     ext = make_extractor(args, need_logits="is" in opts.metrics)
     ref = args.ref
@@ -170,6 +220,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     tag = settings_tag(opts, load_stats(ref).cache_key or os.path.abspath(ref), ext.family)
     idle_since = time.time()
     while True:
+        if dist.is_main():
+            record_pruned(args.run_dir, tag)
         ckpt = dist.broadcast_object(next_checkpoint(args.run_dir, tag, args.stale_after) if dist.is_main() else None)
         if ckpt is None:
             if not args.watch or (args.max_idle and time.time() - idle_since > args.max_idle):
@@ -179,7 +231,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         name = os.path.basename(ckpt)
         try:
             result = evaluate(ckpt, ref, ext, opts)
-        except CheckpointError as exc:  # this checkpoint is broken: record it, go on with the others
+        except (CheckpointError, NonFiniteSamples) as exc:  # this checkpoint is broken: record it, go on
             result = {"error": str(exc), "ckpt": ckpt}
             dist.print0(f"{name}: {exc}")
         except BaseException:
@@ -194,7 +246,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                 print(json.dumps({k: record.get(k) for k in ("checkpoint", "step", "fid", "is", "kid", "intra_fid")
                                   if k in record}), flush=True)
         idle_since = time.time()
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from eval.errors import cli
+    return cli(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,7 +11,6 @@ is written last, so a folder without it is incomplete) or a bare exported
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 from typing import List, Tuple
@@ -25,12 +24,7 @@ class CheckpointError(ValueError):
     """A checkpoint that is incomplete, corrupt or of another model."""
 
 
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+from data_pipelines.tario import sha256_file  # noqa: E402  (the one sha256-of-a-file helper)
 
 
 def read_ckpt_meta(ckpt_dir: str) -> dict:
@@ -83,7 +77,7 @@ def resolve_generator(path: str, verify: bool = True) -> Tuple[str, dict]:
 
 def complete_checkpoints(run_dir: str) -> List[str]:
     """Checkpoint folders of a run that have their meta.json, oldest first."""
-    found = glob.glob(os.path.join(run_dir, "checkpoints", CKPT_GLOB))
+    found = glob.glob(os.path.join(glob.escape(run_dir), "checkpoints", CKPT_GLOB))  # a path may hold [ ] * ?
     return sorted(p for p in found if os.path.isdir(p) and not p.endswith(".partial")
                   and os.path.isfile(os.path.join(p, META_FILE)))
 

@@ -78,6 +78,18 @@ SUITES: Dict[str, List[Row]] = {
         Row("SN-GAN, Wasserstein, ResNet", "cifar10_sngan_w_resnet"),
         Row("SN-GAN, hinge, ResNet", "cifar10_sngan_hinge_resnet"),
     ],
+    # The real-data study (docs/real-data.md): the seeds' recipes plus the paper's normalization
+    # baselines on the standard CNN, each with its own published optimizer settings.
+    "cifar10": [
+        Row("DCGAN", "cifar10_dcgan"),
+        Row("WGAN (weight clipping)", "cifar10_wgan"),
+        Row("WGAN-GP, CNN", "cifar10_wgangp_cnn"),
+        Row("SN-GAN, hinge, CNN", "cifar10_sngan_hinge_cnn"),
+        Row("SN-GAN, hinge, ResNet", "cifar10_sngan_hinge_resnet"),
+        Row("SN-GAN, Wasserstein, ResNet", "cifar10_sngan_w_resnet"),
+        Row("WN, CNN", "cifar10_wn"),
+        Row("orthonormal, CNN", "cifar10_orth"),
+    ],
     "normalization": [
         Row("SN (spectral normalization)", "cifar10_sngan_cnn"),
         Row("WN (weight normalization)", "cifar10_wn"),
@@ -89,7 +101,7 @@ SUITES: Dict[str, List[Row]] = {
 
 # --quick: every row on the embedded data, unconditional, at a CPU-sized width and batch.
 QUICK_DATA = ["data.backend=synthetic", "data.resolution=32", "model.num_classes=0"]
-QUICK_WIDTH = {"cnn32": 16, "dcgan32": 16, "resnet32": 16}
+QUICK_WIDTH = {"cnn32": 16, "cnn32code": 16, "dcgan32": 16, "resnet32": 16}
 # The quick FID threshold is in shapes10-cnn units (real features have mean variance 1 per dimension).
 # Calibration at N=1000 (no GAN involved): two disjoint real sets 0.13; real images with 2 of the 10
 # classes missing 2.8, with 5 missing 18.5, one class only 150; an untrained ResNet G 534.
@@ -101,9 +113,23 @@ QUICK = dict(steps=1000, num_samples=1000, batch_size=32, extractor="shapes10-cn
 FULL = dict(steps=0, num_samples=50000, batch_size=0, extractor="inception", fid_threshold=50.0, threads=0, jobs=1)
 
 
+def base_widths(cfg) -> tuple:
+    """(G width, D width) of an experiment: its g_ch/d_ch/ch, else the architecture's default."""
+    import inspect
+
+    import models
+    from models.registry import _DISCRIMINATORS, _GENERATORS
+
+    def default(table, name):
+        return inspect.signature(table[name]).parameters["ch"].default
+    m = cfg.model
+    return (m.g_ch or m.ch or default(_GENERATORS, m.g), m.d_ch or m.ch or default(_DISCRIMINATORS, m.d))
+
+
 def row_overrides(exp: str, quick: bool, steps: int, batch_size: int, data_path: Optional[str],
-                  width: int = 0) -> List[str]:
-    """The trainer overrides that size one row."""
+                  width: int = 0, width_scale: float = 0.0, batch_scale: float = 0.0) -> List[str]:
+    """The trainer overrides that size one row (``width_scale`` / ``batch_scale`` shrink every row's
+    own widths and batch sizes by the same factor, keeping each row's G/D batch ratio)."""
     from trainer.config import load_config
     cfg = load_config(exp)
     out = []
@@ -113,6 +139,13 @@ def row_overrides(exp: str, quick: bool, steps: int, batch_size: int, data_path:
                 f"model.d_ch={width or QUICK_WIDTH.get(cfg.model.d, 16)}"]
     elif data_path:
         out.append(f"data.path={data_path}")
+    if width_scale and not quick:
+        g, d = base_widths(cfg)
+        out += [f"model.g_ch={max(1, round(g * width_scale))}", f"model.d_ch={max(1, round(d * width_scale))}"]
+    if batch_scale and not batch_size:
+        t = cfg.train
+        out += [f"train.batch_size={max(1, round(t.batch_size * batch_scale))}",
+                f"train.g_batch_size={round(t.g_batch_size * batch_scale) if t.g_batch_size else 0}"]
     if batch_size:
         out += [f"train.batch_size={batch_size}", "train.g_batch_size=0"]
     if steps:
@@ -151,10 +184,9 @@ def checkpoint_step(ckpt: str) -> int:
     return int(os.path.basename(ckpt).split("-")[-1])
 
 
-# Keys a rerun may change without making a run folder another experiment: the budget (a smaller one
-# counts a longer run as finished, a larger one continues it) and logging/checkpoint cadence.
-RERUN_KEYS = {"train.steps", "train.ckpt_every", "train.sample_every", "train.log_every", "train.keep_ckpts",
-              "train.progress", "train.resume", "data.num_workers"}
+# Keys a rerun may change without making a run folder another experiment: the trainer's own list
+# (budget, cadence, workers, data location). A smaller budget counts a longer run as finished.
+from trainer.runfolder import RERUN_KEYS  # noqa: E402
 
 
 def check_run_folder(run_dir: str, cfg) -> None:
@@ -187,21 +219,31 @@ def finished_checkpoint(run_dir: str, steps: int) -> Optional[str]:
 
 
 class Scorer:
-    """Features of N generated or real images; FID / IS / variance ratio against the reference."""
+    """Features of N generated or real images; FID / IS / KID / variance ratio against the reference.
+
+    KID (Binkowski et al. 2018; unbiased, so usable at small N) needs the reference's features:
+    a stats file written with ``eval.reference --keep-features``.
+    """
 
     def __init__(self, ext, n: int, batch_size: int = 100, seed: int = 0):
         self.ext, self.n, self.batch_size, self.seed = ext, n, batch_size, seed
-        self.ref = None  # (mu, sigma)
+        self.ref = None            # (mu, sigma)
+        self.ref_features = None   # float32 [N_ref, d] or None
 
-    def real_stats(self, source, start: int, keep_logits: bool = False):
-        """``(mu, sigma, logits or None)`` of the real images ``[start, start + n)``."""
+    def _collect(self, batches, keep_logits: bool):
         from eval.collect import Collector
         from eval.dist import device
-        col = Collector(self.ext, device(), keep_logits=keep_logits and self.ext.num_logits > 0)
-        for images, _, index in source.batches(start, start + self.n, self.batch_size):
+        col = Collector(self.ext, device(), keep_logits=keep_logits and self.ext.num_logits > 0,
+                        keep_features=self.ref_features is not None)
+        for images, index in batches:
             col.add(images, None, index)
         res = col.finish()
-        return (*res.stats.mean_cov(), res.logits)
+        return (*res.stats.mean_cov(), res.logits, res.features)
+
+    def real_stats(self, source, start: int, keep_logits: bool = False):
+        """``(mu, sigma, logits or None, features or None)`` of the real images ``[start, start + n)``."""
+        return self._collect(((images, index) for images, _, index in
+                              source.batches(start, start + self.n, self.batch_size)), keep_logits)
 
     def set_reference(self, source, cache: Optional[str] = None) -> None:
         from eval.statsfile import StatsError, load_stats, save_stats
@@ -223,29 +265,33 @@ class Scorer:
         ref = load_stats(path)
         ref.check_compatible(self.ext.family, self.ext.dim)
         self.ref = (ref.mu, ref.sigma)
+        self.ref_features = ref.features() if ref.has_features else None
+        self.ref_n = ref.n
 
-    def score(self, mu, sigma, logits: Optional[torch.Tensor] = None) -> dict:
-        from eval.stats import frechet_distance, inception_score
+    def score(self, mu, sigma, logits: Optional[torch.Tensor] = None, features=None) -> dict:
+        from eval.stats import frechet_distance, inception_score, kernel_inception_distance
         out = {"fid": frechet_distance(mu, sigma, *self.ref),
                "variance_ratio": float(np.trace(sigma) / np.trace(self.ref[1]))}
         if logits is not None:
             out["is"], out["is_std"] = inception_score(logits, 10)
+        if features is not None and self.ref_features is not None:
+            size = min(1000, len(features), len(self.ref_features))
+            out["kid"], out["kid_std"] = kernel_inception_distance(features, self.ref_features, 100, size)
         return out
 
     def generated(self, gen_path: str) -> dict:
-        from eval.collect import Collector
         from eval.dist import device
-        from eval.generate import Plan, balanced_counts, generate, rank_batches
+        from eval.generate import Plan, SampleHealth, balanced_counts, generate, rank_batches
         from models.export import load_generator
         G, _ = load_generator(gen_path, device=device())
         k = int(getattr(G, "num_classes", 0) or 0)
         plan = Plan(balanced_counts(self.n, k), k > 0, self.seed)
-        keep_logits = self.ext.num_logits > 0
-        col = Collector(self.ext, device(), keep_logits=keep_logits)
-        for idx, cls, within in rank_batches(plan, 0, plan.total, self.batch_size):
-            col.add(generate(G, plan, idx, cls, within, device()), None, idx)
-        res = col.finish()
-        return self.score(*res.stats.mean_cov(), res.logits)
+        health = SampleHealth()
+        batches = ((generate(G, plan, idx, cls, within, device(), health), idx)
+                   for idx, cls, within in rank_batches(plan, 0, plan.total, self.batch_size))
+        out = self.score(*self._collect(batches, keep_logits=True))
+        out["constant_images"] = health.reduce().constant
+        return out
 
 
 def verdict(r: dict, threshold: float, min_ratio: float) -> str:
@@ -264,8 +310,13 @@ def verdict(r: dict, threshold: float, min_ratio: float) -> str:
 
 
 def table(rows: Sequence[dict], args, floor: Optional[dict]) -> str:
-    has_is = any("is" in r for r in rows)
-    head = ["row", "experiment", "loss", "D constraint", "n_dis", "G steps", "train s", f"FID ({args.extractor})"]
+    has_is = any("is" in r for r in rows) or bool(floor and "is" in floor)
+    has_kid = any("kid" in r for r in rows) or bool(floor and "kid" in floor)
+    has_score_s = any(r.get("score_seconds") for r in rows)
+    head = ["row", "experiment", "loss", "D constraint", "n_dis", "G steps", "train s"]
+    head += ["score s"] if has_score_s else []
+    head += [f"FID ({args.extractor})"]
+    head += ["KID x 1000"] if has_kid else []
     head += [f"IS ({args.extractor})"] if has_is else []
     head += ["var. ratio", "works?"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -273,14 +324,25 @@ def table(rows: Sequence[dict], args, floor: Optional[dict]) -> str:
     def fmt(x, spec):
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
+    def kid(r):
+        if r.get("kid") is None:
+            return "n/a"
+        return f"{1000 * r['kid']:.2f} ± {1000 * r.get('kid_std', 0):.2f}"
+
     if floor is not None:
-        cells = ["real data (held-out N)", "-", "-", "-", "-", "-", "-", fmt(floor["fid"], ".2f")]
+        cells = [floor.get("name", "real data (held-out N)"), "-", "-", "-", "-", "-", "-"]
+        cells += ["-"] if has_score_s else []
+        cells += [fmt(floor["fid"], ".2f")]
+        cells += [kid(floor)] if has_kid else []
         cells += [fmt(floor.get("is"), ".2f")] if has_is else []
         cells += [fmt(floor["variance_ratio"], ".2f"), "(reference)"]
         lines.append("| " + " | ".join(cells) + " |")
     for r in rows:
         cells = [r["name"], f"`{r['exp']}`", r["loss"], r["constraint"], str(r["n_dis"]), str(r["steps"]),
-                 fmt(r.get("train_seconds"), ".0f"), fmt(r.get("fid"), ".2f")]
+                 fmt(r.get("train_seconds"), ".0f")]
+        cells += [fmt(r.get("score_seconds"), ".0f")] if has_score_s else []
+        cells += [fmt(r.get("fid"), ".2f")]
+        cells += [kid(r)] if has_kid else []
         cells += [fmt(r.get("is"), ".2f")] if has_is else []
         cells += [fmt(r.get("variance_ratio"), ".2f"), r["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -289,12 +351,33 @@ def table(rows: Sequence[dict], args, floor: Optional[dict]) -> str:
     lines.append(f"Mode {mode}; {args.num_samples} samples per row; extractor `{args.extractor}`. Works = training "
                  f"finished with finite losses, FID < {args.fid_threshold:g} and feature variance ratio "
                  f"tr(Sigma_g)/tr(Sigma_r) >= {args.min_variance_ratio:g} (no collapse).")
+    sizing = []
+    if getattr(args, "width_scale", 0):
+        sizing.append(f"every row's G and D widths x {args.width_scale:g}")
+    if getattr(args, "batch_scale", 0):
+        sizing.append(f"every row's D and G batch x {args.batch_scale:g}")
+    if sizing:
+        lines.append("Sized for the CPU: " + ", ".join(sizing) + ".")
     if args.overrides:
         lines.append("Every row trained with " + ", ".join(f"`{o}`" for o in args.overrides) + ".")
     if args.quick:
         lines.append(f"FID at N={args.num_samples} is biased upward (see the real-data row) and comparable only "
                      "within this table.")
     return "\n".join(lines)
+
+
+def copy_grids(results: List[dict], out: str) -> None:
+    """Each row's last sample grid (written by the trainer at its final step) into OUT/grids/<exp>.png."""
+    import shutil
+    folder = os.path.join(out, "grids")
+    os.makedirs(folder, exist_ok=True)
+    for r in results:
+        if r.get("ckpt") is None:
+            continue
+        grid = os.path.join(r["run_dir"], "samples", f"step-{checkpoint_step(r['ckpt']):09d}.png")
+        if os.path.isfile(grid):
+            shutil.copyfile(grid, os.path.join(folder, f"{r['exp']}.png"))
+            r["grid"] = os.path.join("grids", f"{r['exp']}.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,6 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "full: each experiment's own)")
     p.add_argument("--width", type=int, default=0,
                    help=f"quick mode: base width of G and D (0: per architecture, {QUICK_WIDTH})")
+    p.add_argument("--width-scale", type=float, default=0.0,
+                   help="full mode: multiply every row's own G and D widths by this (0: as published), e.g. 0.5 "
+                        "for a CPU-sized table")
+    p.add_argument("--batch-scale", type=float, default=0.0,
+                   help="multiply every row's own D and G batch sizes by this (0: as published), keeping each "
+                        "row's G/D batch ratio")
+    p.add_argument("--floor-data", default=None,
+                   help="with --ref: real images (e.g. the training shards) scored like a row, N of them against "
+                        "the reference: the floor of FID/KID at this N")
     p.add_argument("--num-samples", type=int, default=None,
                    help=f"samples per row for FID/IS (unset=%(default)s: quick {QUICK['num_samples']}, "
                         f"full {FULL['num_samples']})")
@@ -335,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help=f"intra-op CPU threads for training and scoring, 0: torch's default (unset=%(default)s: quick "
                         f"{QUICK['threads']}, full {FULL['threads']})")
+    p.add_argument("--score-threads", type=int, default=0,
+                   help="intra-op CPU threads while scoring, after all rows trained (0: as --threads)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the scored samples")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="trainer config overrides for every row, applied after the suite's sizing, e.g. "
@@ -383,7 +477,8 @@ def train_rows(rows: Sequence[Row], args) -> List[dict]:
     from trainer.config import load_config
     configs = []
     for row in rows:
-        overrides = row_overrides(row.exp, args.quick, args.steps, args.batch_size, args.data_path, args.width)
+        overrides = row_overrides(row.exp, args.quick, args.steps, args.batch_size, args.data_path, args.width,
+                                  args.width_scale, args.batch_scale)
         overrides += args.overrides
         cfg = load_config(row.exp, overrides)
         check_data(cfg)
@@ -492,7 +587,18 @@ def make_scorer(args, rows: Sequence[Row]):
     scorer = Scorer(ext, args.num_samples, seed=args.seed)
     if args.ref:
         scorer.load_reference(args.ref)
-        return scorer, None
+        floor = None
+        if args.floor_data and not args.no_floor:
+            source = open_source(args.floor_data)
+            if len(source) < args.num_samples:
+                raise ValueError(f"--floor-data {args.floor_data} has {len(source)} images, fewer than "
+                                 f"--num-samples {args.num_samples}")
+            t0 = time.time()
+            floor = scorer.score(*scorer.real_stats(source, 0, keep_logits=True))
+            floor["name"] = f"real data ({args.num_samples} of {args.floor_data.rstrip('/').split('/')[-1]})"
+            floor["score_seconds"] = time.time() - t0
+            print(f"[compare] real-data floor: FID {floor['fid']:.2f} ({floor['score_seconds']:.0f}s)", flush=True)
+        return scorer, floor
     data = "synthetic:32" if args.quick else (args.data_path or load_config(rows[0].exp).data.path)
     source = open_source(data)
     if len(source) < args.num_samples:
@@ -506,11 +612,30 @@ def make_scorer(args, rows: Sequence[Row]):
 
 
 def score_rows(results: List[dict], scorer: Scorer, args) -> None:
+    """Score every trained row; a row's score is cached in its run folder (score-<settings>.json), so
+    an interrupted comparison does not score a row twice."""
+    import hashlib
+    from eval import dist
+    settings = {"extractor": scorer.ext.family, "n": scorer.n, "seed": scorer.seed, "ref": args.ref or "",
+                "kid": scorer.ref_features is not None}
+    tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     for r in results:
         if r["exit"] == 0:
-            t0 = time.time()
-            r.update(scorer.generated(os.path.join(r["ckpt"], "generator.safetensors")))
-            r["score_seconds"] = time.time() - t0
+            cache = os.path.join(r["run_dir"], f"score-{tag}.json")
+            cached = None
+            if os.path.isfile(cache):
+                with open(cache) as fh:
+                    cached = json.load(fh)
+                if cached.get("ckpt") != r["ckpt"]:
+                    cached = None
+            if cached is None:
+                t0 = time.time()
+                cached = scorer.generated(os.path.join(r["ckpt"], "generator.safetensors"))
+                cached.update(ckpt=r["ckpt"], score_seconds=time.time() - t0, settings=settings)
+                if dist.is_main():
+                    with open(cache, "w") as fh:
+                        json.dump(cached, fh)
+            r.update({k: v for k, v in cached.items() if k not in ("ckpt", "settings")})
             print(f"[compare] {r['name']}: FID {r['fid']:.2f} ({r['score_seconds']:.0f}s)", flush=True)
         r["verdict"] = verdict(r, args.fid_threshold, args.min_variance_ratio)
 
@@ -520,7 +645,7 @@ def run(args) -> List[dict]:
     rows = select_rows(args.suite, args.rows)
     if args.num_samples < 2:
         raise ValueError(f"--num-samples must be at least 2, got {args.num_samples}")
-    for flag in ("steps", "batch_size", "width"):
+    for flag in ("steps", "batch_size", "width", "width_scale", "batch_scale"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.jobs < 1:
@@ -533,11 +658,18 @@ def run(args) -> List[dict]:
         if args.threads:
             torch.set_num_threads(args.threads)
         results = train_rows(rows, args)
+        if args.score_threads:
+            torch.set_num_threads(args.score_threads)
         scorer, floor = make_scorer(args, rows)
         score_rows(results, scorer, args)
+        copy_grids(results, args.out)
     finally:
         torch.set_num_threads(threads)  # main() may be called from another program (the tests)
     text = table(results, args, floor)
+    grids = [r for r in results if r.get("grid")]
+    if grids:
+        text += "\n\nLast sample grid of each row (fixed noise, the trainer's own grid at its final step):\n\n"
+        text += "\n".join(f"- {r['name']}: ![{r['exp']}]({r['grid']})" for r in grids)
     if dist.is_main():
         with open(os.path.join(args.out, "compare.md"), "w") as fh:
             fh.write(text + "\n")

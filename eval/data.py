@@ -19,7 +19,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import inspect
-import io
 import json
 import os
 from typing import Iterator, List, Optional, Tuple
@@ -51,8 +50,15 @@ def _stack(images: List[torch.Tensor], where: str) -> torch.Tensor:
 
 
 class Source:
+    """A finite, ordered list of images. Images that cannot be decoded are skipped and listed in
+    ``skipped`` (``(name, error)``, this rank's), as the shard writer does."""
     num_classes = 0
     resolution = 0        # 0: unknown until images are read
+
+    def skip(self, name: str, error: str) -> None:
+        if not hasattr(self, "skipped"):
+            self.skipped = []
+        self.skipped.append((name, error))
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -93,14 +99,18 @@ class _FileDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
-        with Image.open(self.files[i]) as img:
-            return _pil_to_uint8(img, self.resolution), self.labels[i]
+        from data_pipelines.imaging import UndecodableImage, open_rgb
+        try:
+            with open(self.files[i], "rb") as fh:
+                img, _, _ = open_rgb(fh.read())
+        except (UndecodableImage, OSError) as exc:
+            return None, self.files[i], str(exc)[:200]
+        return _pil_to_uint8(img, self.resolution), self.labels[i], None
 
 
 class FolderSource(Source):
     def __init__(self, root: str, resolution: Optional[int] = None):
-        files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+        files = sorted(p for p in glob.glob(os.path.join(glob.escape(root), "**", "*"), recursive=True)
                        if p.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(p))
         if not files:
             raise DataError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
@@ -130,10 +140,17 @@ class FolderSource(Source):
                                              collate_fn=lambda items: items)
         pos = start
         for items in loader:
-            images = _stack([x for x, _ in items], self.root)
-            labels = torch.tensor([y for _, y in items], dtype=torch.int64)
-            yield images, labels, torch.arange(pos, pos + len(items), dtype=torch.int64)
+            good = []
+            for k, (x, y, err) in enumerate(items):
+                if x is None:
+                    self.skip(y, err)
+                else:
+                    good.append((x, y, pos + k))
             pos += len(items)
+            if good:
+                images = _stack([x for x, _, _ in good], self.root)
+                yield (images, torch.tensor([y for _, y, _ in good], dtype=torch.int64),
+                       torch.tensor([g for _, _, g in good], dtype=torch.int64))
 
 
 class ShardSource(Source):
@@ -163,14 +180,18 @@ class ShardSource(Source):
         return f"shards:{h.hexdigest()}"
 
     def _samples(self, start: int, end: int) -> Iterator[Tuple[torch.Tensor, int, int]]:
-        from PIL import Image
+        from data_pipelines.imaging import UndecodableImage, open_rgb
         t = self._tario
         for k, shard in enumerate(self.shards):
             lo, hi = self.offsets[k], self.offsets[k + 1]
             if hi <= start or lo >= end:
                 continue
             buf = t.read_shard(shard)
-            for i, rec in enumerate(t.iter_records(buf)):
+            records = _intact_records(t, buf)   # a damaged shard: its intact part is read, the rest counted
+            lost = max(0, min(hi, end) - max(lo, start, lo + len(records)))
+            if lost:
+                self.skip(shard, f"damaged or truncated: {lost} of its listed samples are missing")
+            for i, rec in enumerate(records):
                 g = lo + i
                 if g >= min(hi, end):
                     break
@@ -178,10 +199,16 @@ class ShardSource(Source):
                     continue
                 img = t.record_image(rec)
                 if img is None:
-                    raise DataError(f"{shard}: sample {rec.key} has no image member")
+                    self.skip(f"{shard}:{rec.key}", "no image member")
+                    continue
                 _, off, size = img
-                with Image.open(io.BytesIO(bytes(buf[off:off + size]))) as im:
-                    yield _pil_to_uint8(im, self._resample), t.record_label(buf, rec), g
+                try:
+                    im, _, _ = open_rgb(bytes(buf[off:off + size]))
+                    label = t.record_label(buf, rec)
+                except (UndecodableImage, ValueError) as exc:
+                    self.skip(f"{shard}:{rec.key}", str(exc)[:200])
+                    continue
+                yield _pil_to_uint8(im, self._resample), label, g
 
     def batches(self, start, end, batch_size, workers=0):
         images, labels, index = [], [], []
@@ -192,6 +219,17 @@ class ShardSource(Source):
                 images, labels, index = [], [], []
         if images:
             yield _stack(images, self.shards[0]), torch.tensor(labels), torch.tensor(index)
+
+
+def _intact_records(t, buf) -> List:
+    """The records of a shard up to its first damage."""
+    out = []
+    try:
+        for rec in t.iter_records(buf):
+            out.append(rec)
+    except t.ShardDamaged:
+        pass
+    return out
 
 
 def open_source(spec: str, resolution: Optional[int] = None) -> Source:

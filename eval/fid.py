@@ -41,14 +41,17 @@ def stats_of(arg: str, ext: Optional[FeatureExtractor], args) -> Tuple[np.ndarra
         return ref.mu, ref.sigma, ref.extractor
     source = open_source(arg, args.resolution)
     n = len(source) if args.num_images <= 0 else min(args.num_images, len(source))
+    if n < 2:
+        raise ValueError(f"{arg}: {n} image(s) give no covariance; FID needs at least 2")
     if n < ext.dim:
-        raise ValueError(f"{arg}: {n} images are fewer than the feature dimension {ext.dim}")
+        dist.print0(f"warning: {arg}: {n} images with {ext.dim}-dimensional features: FID is strongly biased "
+                    f"upward at this N; compare only numbers computed with the same N", file=sys.stderr)
     res, _ = collect_source(source, ext, n, batch_size=args.batch_size, workers=args.workers, spec=arg)
     mu, sigma = res.stats.mean_cov()
     return mu, sigma, ext.family
 
 
-def main(argv=None) -> None:
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("a", help="stats .npz, image folder, shard set or synthetic[:RES[:SIZE[:SEED]]]")
@@ -68,7 +71,13 @@ def main(argv=None) -> None:
         raise StatsError(f"{args.a} holds {fam1!r} statistics and {args.b} holds {fam2!r}: not comparable")
     if dist.is_main():
         print(f"FID: {frechet_distance(mu1, s1, mu2, s2):.6f}", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    from eval.errors import cli
+    return cli(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

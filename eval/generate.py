@@ -79,13 +79,58 @@ def rank_batches(plan: Plan, start: int, end: int, batch_size: int
         yield idx, cls, idx - offsets[cls]
 
 
+class NonFiniteSamples(ValueError):
+    """The generator produced NaN/inf pixels: its weights are garbage and nothing is scored on them."""
+
+
+class SampleHealth:
+    """Counts what a score should not hide: saturated pixels and constant (blank) images."""
+
+    def __init__(self):
+        self.images = 0
+        self.constant = 0
+        self.saturated = 0.0   # sum over images of the fraction of pixels at |x| >= 0.99
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.flatten(1)
+        self.images += flat.shape[0]
+        self.constant += int((flat.amax(1) - flat.amin(1) < 2.0 / 255).sum())
+        self.saturated += float((flat.abs() >= 0.99).float().mean(1).sum())
+
+    def reduce(self) -> "SampleHealth":
+        t = torch.tensor([self.images, self.constant, self.saturated], dtype=torch.float64, device=dist.device())
+        dist.all_reduce_sum_(t)
+        out = SampleHealth()
+        out.images, out.constant, out.saturated = int(t[0]), int(t[1]), float(t[2])
+        return out
+
+    def warnings(self) -> list:
+        if not self.images:
+            return []
+        out = []
+        if self.constant:
+            out.append(f"{self.constant} of {self.images} generated images are constant (one colour)")
+        frac = self.saturated / self.images
+        if frac > 0.5:
+            out.append(f"{100 * frac:.0f}% of generated pixels are saturated (|x| >= 0.99)")
+        return out
+
+
 @torch.no_grad()
 def generate(G, plan: Plan, idx: torch.Tensor, cls: torch.Tensor, within: torch.Tensor,
-             device) -> torch.Tensor:
-    """uint8 images of the given samples."""
+             device, health: Optional[SampleHealth] = None) -> torch.Tensor:
+    """uint8 images of the given samples; refuses non-finite generator output."""
     z = sample_noise(plan.seed, cls.tolist(), within.tolist(), G.z_dim).to(device)
     y: Optional[torch.Tensor] = cls.to(device) if plan.conditional else None
     x = G(z, y)
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"generator returned {tuple(x.shape)}, expected images [B, 3, R, R]")
-    return to_uint8(x.float())
+    x = x.float()
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        raise NonFiniteSamples(f"the generator produced non-finite pixels (NaN/inf) in {int(bad.flatten(1).any(1).sum())} "
+                               f"of {x.shape[0]} images (samples {int(idx[0])}..{int(idx[-1])}): its weights are "
+                               f"broken; nothing is scored")
+    if health is not None:
+        health.add(x)
+    return to_uint8(x)

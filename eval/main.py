@@ -35,7 +35,8 @@ from eval import dist
 from eval.ckpt import CheckpointError, check_run_config, checkpoint_folder, resolve_generator
 from eval.collect import Collector
 from eval.extractors import FeatureExtractor
-from eval.generate import Plan, balanced_counts, generate, rank_batches
+from eval.errors import cli
+from eval.generate import Plan, SampleHealth, balanced_counts, generate, rank_batches
 from eval.reference import add_extractor_args, make_extractor
 from eval.stats import SufficientStats, frechet_distance, inception_score, kernel_inception_distance, mean_of
 from eval.statsfile import ReferenceStats, StatsError, load_stats
@@ -80,11 +81,10 @@ def _check(G, ref: ReferenceStats, ext: FeatureExtractor, opts: EvalOptions, num
                          f"{ref.resolution}x{ref.resolution} images: a checkpoint of another model/config, "
                          "or reference statistics of another dataset")
     main = [m for m in opts.metrics if m != "intra_fid"]
-    if main and opts.num_samples < ext.dim and "fid" in main:
-        raise ValueError(f"--num-samples {opts.num_samples} is smaller than the feature dimension {ext.dim}: the "
-                         f"covariance would be singular; use at least {ext.dim} (50000 is standard)")
     if main and opts.num_samples < 2:
         raise ValueError(f"--num-samples must be at least 2, got {opts.num_samples}")
+    if main and "fid" in main:
+        warn_small_n("FID", opts.num_samples, ext.dim)
     if "kid" in opts.metrics and not ref.has_features:
         ref.features()  # raises with the fix
     if "intra_fid" in opts.metrics:
@@ -95,11 +95,21 @@ def _check(G, ref: ReferenceStats, ext: FeatureExtractor, opts: EvalOptions, num
                              f"has {num_classes}; compute them with `python -m eval.reference --per-class`")
         if opts.per_class < 2:
             raise ValueError(f"--per-class must be at least 2, got {opts.per_class}")
+        warn_small_n("intra-FID", opts.per_class, ext.dim, per_class=True)
     return res
 
 
+def warn_small_n(metric: str, n: int, dim: int, per_class: bool = False) -> None:
+    """One policy for every metric (as pytorch-fid and torch-fidelity): compute, but say when N is so
+    small that the estimate is strongly biased upward. The N used is in every result."""
+    if n < dim:
+        dist.print0(f"warning: {metric} from {n} samples{' per class' if per_class else ''} with {dim}-dimensional "
+                    f"features: the covariance has rank < {dim} and the value is strongly biased upward; compare "
+                    f"only numbers computed with the same N (published FIDs use 10000-50000)", file=sys.stderr)
+
+
 def _run_pass(G, plan: Plan, ext: FeatureExtractor, opts: EvalOptions, ref: ReferenceStats,
-              per_class: bool, keep_features: bool, keep_logits: bool):
+              per_class: bool, keep_features: bool, keep_logits: bool, health: SampleHealth):
     """Generate the plan's samples; returns (overall stats, per-class FIDs, features, logits)."""
     dev = dist.device()
     row_bytes = (ext.dim * ext.dim + ext.dim + 1) * 8
@@ -111,7 +121,7 @@ def _run_pass(G, plan: Plan, ext: FeatureExtractor, opts: EvalOptions, ref: Refe
     for c0, c1 in plan.class_groups(group):
         col = Collector(ext, dev, (c1 - c0) if per_class else 1, keep_features, keep_logits)
         for idx, cls, within in rank_batches(plan, offsets[c0], offsets[c1], opts.batch_size):
-            col.add(generate(G, plan, idx, cls, within, dev), (cls - c0) if per_class else None, idx)
+            col.add(generate(G, plan, idx, cls, within, dev, health), (cls - c0) if per_class else None, idx)
         res = col.finish()
         overall.add_stats(res.stats.merged())
         if per_class:
@@ -156,15 +166,19 @@ def evaluate(ckpt: str, ref_path: str, ext: FeatureExtractor, opts: EvalOptions)
     out = {}
     main_plan = Plan(balanced_counts(opts.num_samples, num_classes), num_classes > 0, opts.seed)
     shared = False
+    health = SampleHealth()
     if "intra_fid" in m:
         intra_plan = Plan([opts.per_class] * num_classes, True, opts.seed)
         shared = bool(main_metrics) and intra_plan.counts == main_plan.counts
         overall, class_fid, feats, logits = _run_pass(G, intra_plan, ext, opts, ref, True,
-                                                      shared and "kid" in m, shared and "is" in m)
+                                                      shared and "kid" in m, shared and "is" in m, health)
         out["intra_fid"] = mean_of(class_fid)
         out["intra_fid_classes"] = class_fid
     if main_metrics and not shared:
-        overall, _, feats, logits = _run_pass(G, main_plan, ext, opts, ref, False, "kid" in m, "is" in m)
+        overall, _, feats, logits = _run_pass(G, main_plan, ext, opts, ref, False, "kid" in m, "is" in m, health)
+    health = health.reduce()
+    for line in health.warnings():
+        dist.print0(f"warning: {gen_path}: {line}; check the samples before trusting the score", file=sys.stderr)
     if dist.is_main() and main_metrics:
         if "fid" in m:
             mu, sigma = overall.mean_cov()
@@ -182,6 +196,7 @@ def evaluate(ckpt: str, ref_path: str, ext: FeatureExtractor, opts: EvalOptions)
         "images_seen": ckpt_meta.get("images_seen", info.get("images_seen")),
         "num_samples": opts.num_samples if main_metrics else None,
         "per_class": opts.per_class if "intra_fid" in m else None,
+        "ref_num_images": ref.n or None, "constant_images": health.constant,
         "resolution": resolution, "extractor": ext.name, "feature_family": ext.family, "ref": ref_path,
         "seed": opts.seed, "world_size": dist.world_size(), "seconds": round(time.time() - t0, 2),
     })
@@ -206,7 +221,7 @@ def options_from_args(args) -> EvalOptions:
                        args.which, args.is_splits, args.kid_subsets, args.kid_subset_size)
 
 
-def main(argv=None) -> None:
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint folder (ckpt-<step>/), run folder (its newest complete checkpoint) or generator.safetensors")
@@ -224,7 +239,12 @@ def main(argv=None) -> None:
         if args.out:
             with open(args.out, "w") as fh:
                 fh.write(text + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -69,9 +69,24 @@ def collect_source(source: Source, extractor: FeatureExtractor, n: int, *, batch
         if per_class and (labels.min() < 0 or labels.max() >= groups):
             raise ValueError(f"labels outside [0, {groups}) in {spec or 'the data'}")
         collector.add(images, labels if per_class else None, index)
+    report_skipped(source, spec)
     res = collector.finish()
     resolution = dist.broadcast_object(resolution or source.resolution)
     return res, resolution
+
+
+def report_skipped(source: Source, spec: str = "") -> int:
+    """Warn (naming them) about the images this rank could not decode; returns the total over ranks."""
+    import torch
+    mine = getattr(source, "skipped", [])
+    if mine:
+        shown = "; ".join(f"{name} ({err})" for name, err in mine[:5])
+        more = f" and {len(mine) - 5} more" if len(mine) > 5 else ""
+        print(f"warning: skipped {len(mine)} image(s) of {spec or 'the data'} that cannot be read: {shown}{more}",
+              file=sys.stderr, flush=True)
+    total = torch.tensor([float(len(mine))], device=dist.device())
+    dist.all_reduce_sum_(total)
+    return int(total.item())
 
 
 def compute_reference(source: Source, extractor: FeatureExtractor, out: Optional[str] = None, *,
@@ -85,9 +100,11 @@ def compute_reference(source: Source, extractor: FeatureExtractor, out: Optional
     n = len(source) if num_images <= 0 else num_images
     if n > len(source):
         raise ValueError(f"--num-images {n} is more than the {len(source)} images of {spec or 'the data'}")
+    if n < 2:
+        raise ValueError(f"{n} image(s) give no covariance; use at least 2 (50000 is the usual choice)")
     if n < extractor.dim:
-        raise ValueError(f"{n} images are fewer than the feature dimension {extractor.dim}: the covariance "
-                         f"would be singular; use at least {extractor.dim} (50000 is the usual choice)")
+        dist.print0(f"warning: statistics of {n} images with {extractor.dim}-dimensional features are rank-deficient; "
+                    f"FIDs against them are strongly biased upward (50000 is the usual choice)", file=sys.stderr)
     if per_class and source.num_classes <= 0:
         raise ValueError(f"--per-class needs labelled data; {spec or 'this source'} has no class labels")
     key = cache_key(source, extractor.family, n, per_class, keep_features)
@@ -133,7 +150,7 @@ def make_extractor(args, need_logits: bool = False) -> FeatureExtractor:
                            inception_weights=args.inception_weights, download=not args.no_download)
 
 
-def main(argv=None) -> None:
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True,
@@ -156,7 +173,13 @@ def main(argv=None) -> None:
     compute_reference(source, extractor, args.out, num_images=args.num_images, batch_size=args.batch_size,
                       per_class=args.per_class, keep_features=args.keep_features, workers=args.workers,
                       cache_dir=args.cache_dir, force=args.force, spec=args.data)
+    return 0
+
+
+def main(argv=None) -> int:
+    from eval.errors import cli
+    return cli(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

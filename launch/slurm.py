@@ -22,6 +22,8 @@ import json
 import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
 import time
 
@@ -29,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):  # run as a script path: make the repository importable
     sys.path.insert(0, REPO)
 
-from launch import run_status  # noqa: E402
+from launch import preflight, run_status  # noqa: E402
 from launch.slurm_task import EvalTask, TrainTask  # noqa: E402
 
 COMMANDS = ("train", "eval", "status")
@@ -236,15 +238,29 @@ def resolved_config(exp: str, overrides: list[str]) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
-def wait_for(job_id: str, poll_s: float = 2.0) -> int:
-    """Blocks until the job (and any requeue of it) is over; 0 if it COMPLETED, else its exit code or 1."""
-    last = None
+def wait_for(job_id: str, poll_s: float = 2.0, report_every_s: float = 60.0) -> int:
+    """Blocks until the job (and any requeue of it) is over; 0 if it COMPLETED, else its exit code or 1.
+
+    While the job pends, its reason is printed when it changes and every ``report_every_s``; a reason
+    that waiting cannot clear (:data:`launch.preflight.FATAL_REASONS`) cancels the job and returns 2.
+    """
+    last, last_reason, reported = None, None, 0.0
     while True:
         info = run_status.sacct([job_id]).get(job_id)
         state = info["State"].split()[0] if info else "PENDING"  # not in accounting yet
         if state != last:
             print(f"job {job_id}: {state}", flush=True)
             last = state
+        if state == "PENDING":
+            reason = preflight.pending_reason(job_id)
+            if reason and (reason != last_reason or time.time() - reported > report_every_s):
+                print(f"job {job_id}: pending ({reason})", flush=True)
+                last_reason, reported = reason, time.time()
+            if preflight.is_fatal(reason):
+                subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
+                print(f"error: job {job_id} cannot start (SLURM reason {reason}: the request does not fit the "
+                      f"partition or account); cancelled it", file=sys.stderr, flush=True)
+                return 2
         if state not in run_status.ACTIVE_STATES:
             break
         time.sleep(poll_s)
@@ -287,6 +303,19 @@ def cmd_train(args) -> int:
     if rc != 0:  # fail now, not after waiting in the queue
         sys.stderr.write(errors)
         return rc
+    import yaml
+    world = args.nodes * tasks_per_node
+    try:
+        preflight.check_world(yaml.safe_load(config_yaml) or {}, world)
+        if not args.dry_run:
+            preflight.require_slurm()
+        if shutil.which("sinfo") is not None:   # a dry run on a machine without SLURM skips this part
+            part = preflight.read_partition(args.partition)
+            preflight.check_allocation(part, args.nodes, tasks_per_node, args.cpus_per_task, args.gpus_per_node,
+                                       args.mem, args.time)
+    except preflight.PreflightError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # The evaluator gets its own, smaller allocation: one node, the eval command's default time.
     eval_args = argparse.Namespace(**{**vars(args), "nodes": 1, "time": parse_time_minutes(EVAL_TIME)},
                                    array=False, eval_args=[])
@@ -353,6 +382,14 @@ def cmd_eval(args) -> int:
     if args.dry_run:
         print_dry_run(what, run_dir, params, tasks)
         return 0
+    try:
+        preflight.require_slurm()
+        part = preflight.read_partition(args.partition)
+        preflight.check_allocation(part, args.nodes, max(args.gpus_per_node, 1), args.cpus_per_task,
+                                   args.gpus_per_node, args.mem, args.time)
+    except preflight.PreflightError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     entries = submit(run_dir, "eval", what, params, tasks)
     return wait_all(entries) if args.wait else 0
 

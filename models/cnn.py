@@ -9,8 +9,15 @@ Table 3), with Mg = 4 (32 px) or 6 (48 px, STL-10):
   per channel keeps a class-conditional BN small).
 - D: conv3x3 64, conv4x4/2 64, conv3x3 128, conv4x4/2 128, conv3x3 256, conv4x4/2 256, conv3x3 512,
   each followed by leaky ReLU (slope 0.1, as the table), then dense -> 1 on the flattened
-  Mg x Mg x 512 map. (chainer-gan-lib's ``SNDCGANDiscriminator`` widens at the stride-2 convs
-  instead, 64 -> 128 -> 256 -> 512; we follow the paper's table.)
+  Mg x Mg x 512 map.
+
+``cnn32code`` / ``cnn48code`` (discriminators only): the layout of the code behind the published
+numbers, which widens at the stride-2 convs instead: conv3x3 64, conv4x4/2 128, conv3x3 128,
+conv4x4/2 256, conv3x3 256, conv4x4/2 512, conv3x3 512 (chainer-gan-lib ``common/net.py:204-210``
+``SNDCGANDiscriminator``, which produced the SN-GAN paper's standard-CNN results, and
+pytorch-gan-collections ``source/models/sngan.py:50-65``, behind the seeds' comparison). It has
+twice the D parameters of the table's layout; slope 0.1 as the table and pytorch-gan-collections
+(chainer-gan-lib's is Chainer's default 0.2; see docs/fidelity.md).
 
 ``dcgan32``: DCGAN (Radford et al. 2016, Sec. 3-4) at 32 px: G is dense -> 4x4 x 4ch, BN, ReLU, then
 4x4 stride-2 transposed convs 4ch -> 2ch -> ch (BN + ReLU) -> 3 (tanh). D is 4x4 stride-2 convs
@@ -110,9 +117,13 @@ class ConvDiscriminator(nn.Module):
         return self.head(self.features(x), y)
 
 
-def _standard_cnn_d(ch: int):
-    # SN-GAN Table 3 with ch=64: 64, 64/2, 128, 128/2, 256, 256/2, 512.
-    mults = [(1, 3, 1), (1, 4, 2), (2, 3, 1), (2, 4, 2), (4, 3, 1), (4, 4, 2), (8, 3, 1)]
+def _standard_cnn_d(ch: int, code_layout: bool = False):
+    # SN-GAN Table 3 with ch=64: 64, 64/2, 128, 128/2, 256, 256/2, 512; the code's layout widens at
+    # the stride-2 convs: 64, 128/2, 128, 256/2, 256, 512/2, 512.
+    if code_layout:
+        mults = [(1, 3, 1), (2, 4, 2), (2, 3, 1), (4, 4, 2), (4, 3, 1), (8, 4, 2), (8, 3, 1)]
+    else:
+        mults = [(1, 3, 1), (1, 4, 2), (2, 3, 1), (2, 4, 2), (4, 3, 1), (4, 4, 2), (8, 3, 1)]
     return [(ch * m, k, s) for m, k, s in mults]
 
 
@@ -127,6 +138,12 @@ def cnn32_discriminator(num_classes: int = 0, ch: int = 64, norm: str = "sn",
     return ConvDiscriminator(_standard_cnn_d(ch), 32, 0.1, num_classes, norm, n_power_iterations)
 
 
+@register_discriminator("cnn32code")
+def cnn32code_discriminator(num_classes: int = 0, ch: int = 64, norm: str = "sn",
+                            n_power_iterations: int = 1) -> ConvDiscriminator:
+    return ConvDiscriminator(_standard_cnn_d(ch, code_layout=True), 32, 0.1, num_classes, norm, n_power_iterations)
+
+
 @register_generator("cnn48")
 def cnn48_generator(num_classes: int = 0, ch: int = 64, z_dim: int = 128) -> ConvGenerator:
     return ConvGenerator([ch * 8, ch * 4, ch * 2, ch], 6, True, num_classes, z_dim)
@@ -136,6 +153,12 @@ def cnn48_generator(num_classes: int = 0, ch: int = 64, z_dim: int = 128) -> Con
 def cnn48_discriminator(num_classes: int = 0, ch: int = 64, norm: str = "sn",
                         n_power_iterations: int = 1) -> ConvDiscriminator:
     return ConvDiscriminator(_standard_cnn_d(ch), 48, 0.1, num_classes, norm, n_power_iterations)
+
+
+@register_discriminator("cnn48code")
+def cnn48code_discriminator(num_classes: int = 0, ch: int = 64, norm: str = "sn",
+                            n_power_iterations: int = 1) -> ConvDiscriminator:
+    return ConvDiscriminator(_standard_cnn_d(ch, code_layout=True), 48, 0.1, num_classes, norm, n_power_iterations)
 
 
 @register_generator("dcgan32")

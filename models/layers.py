@@ -25,7 +25,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from .spectral_norm import spectral_norm
 
-__all__ = ["NORMS", "apply_norm", "DLayers", "ConditionalBatchNorm2d", "ProjectionHead",
+__all__ = ["NORMS", "apply_norm", "DLayers", "GBatchNorm2d", "set_bn_splits", "ConditionalBatchNorm2d", "ProjectionHead",
            "xavier_init", "normal_init", "check_labels"]
 
 NORMS = ("sn", "wn", "none")
@@ -110,6 +110,55 @@ def check_labels(y: Optional[torch.Tensor], num_classes: int, who: str) -> None:
                          f"an int64 tensor of shape [B] with values in [0, {num_classes})")
 
 
+BN_EPS = 2e-5   # Chainer's BatchNormalization default, used by the official code (see docs/fidelity.md)
+
+
+class GBatchNorm2d(nn.BatchNorm2d):
+    """The generator's BatchNorm: eps 2e-5 as the official Chainer code, and optional per-slice
+    statistics ("ghost" batch norm).
+
+    With ``splits = k > 1`` a training batch of B samples is normalised as k slices of B / k
+    samples, each with its own mean and variance, and the running statistics move towards the
+    slices' average. The official ImageNet models were trained on 4 GPUs with batch statistics
+    per GPU; on one GPU, ``splits=4`` gives G's BN the same statistics per slice (the trainer sets
+    it from ``model.bn_world``, see ``models.set_bn_splits``). Eval mode is unaffected.
+    """
+
+    def __init__(self, num_features: int, eps: float = BN_EPS, momentum: float = 0.1, affine: bool = True):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine)
+        self.splits = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, n = self.splits, x.shape[0]
+        if not self.training or k <= 1 or n % k or n // k < 2:
+            return super().forward(x)
+        c = x.shape[1]
+        xs = x.float().reshape(k, n // k, c, *x.shape[2:])
+        dims = (1, *range(3, xs.dim()))
+        var, mean = torch.var_mean(xs, dim=dims, unbiased=False, keepdim=True)
+        out = ((xs - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        if self.track_running_stats:
+            count = xs[0].numel() // c
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.mean(0).flatten(), self.momentum)
+                self.running_var.lerp_((var * (count / max(count - 1, 1))).mean(0).flatten(), self.momentum)
+                self.num_batches_tracked.add_(1)
+        if self.affine:
+            shape = (1, c) + (1,) * (x.dim() - 2)
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out.to(x.dtype)
+
+
+def set_bn_splits(model: nn.Module, splits: int) -> int:
+    """Set ``splits`` on every :class:`GBatchNorm2d` of ``model``; returns how many were set."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, GBatchNorm2d):
+            m.splits = splits
+            count += 1
+    return count
+
+
 class ConditionalBatchNorm2d(nn.Module):
     """BatchNorm2d(affine=False) followed by per-class gain gamma[y] and bias beta[y].
 
@@ -118,12 +167,12 @@ class ConditionalBatchNorm2d(nn.Module):
     BatchNorm2d and ``y`` is ignored.
     """
 
-    def __init__(self, num_features: int, num_classes: int = 0, eps: float = 1e-5,
+    def __init__(self, num_features: int, num_classes: int = 0, eps: float = BN_EPS,
                  momentum: float = 0.1) -> None:
         super().__init__()
         self.num_features = num_features
         self.num_classes = num_classes
-        self.bn = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=num_classes == 0)
+        self.bn = GBatchNorm2d(num_features, eps=eps, momentum=momentum, affine=num_classes == 0)
         if num_classes > 0:
             self.gamma = nn.Embedding(num_classes, num_features)
             self.beta = nn.Embedding(num_classes, num_features)

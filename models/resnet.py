@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConditionalBatchNorm2d, DLayers, ProjectionHead, check_labels, xavier_init
+from .layers import ConditionalBatchNorm2d, DLayers, GBatchNorm2d, ProjectionHead, check_labels, xavier_init
 from .registry import register_discriminator, register_generator
 
 __all__ = ["ResNetGenerator", "ResNetDiscriminator", "GBlock", "DBlock", "OptimizedDBlock"]
@@ -126,7 +126,7 @@ class ResNetGenerator(nn.Module):
         self.linear = nn.Linear(z_dim, bottom * bottom * widths[0])
         _SHORTCUT_INIT(self.linear)
         self.blocks = nn.ModuleList(GBlock(a, b, num_classes) for a, b in zip(widths, widths[1:]))
-        self.bn = nn.BatchNorm2d(widths[-1])
+        self.bn = GBatchNorm2d(widths[-1])
         self.conv = _conv(widths[-1], 3, 3, _SHORTCUT_INIT)
 
     def forward(self, z: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -195,3 +195,26 @@ def test_wrong_backend_for_folder_is_explained(tmp_path):
     (tmp_path / "x.jpg").write_bytes(io.BytesIO().getvalue())
     with pytest.raises(FileNotFoundError, match="neither manifest.json nor"):
         build_train_stream(cfg_for(tmp_path / "raw"), batch_size=1)
+
+
+def test_official_crop_flip_and_dequantization_exact_values():
+    """The projection paper's augmentation and pixel form on a fixed image, value by value."""
+    from data_pipelines.wds_loader import fit_square
+    img = torch.arange(3 * 10 * 10, dtype=torch.int64).reshape(3, 10, 10).remainder(256).to(torch.uint8)
+    # crop 0.9 of the short side (10 -> 9): the official offsets are randint(0, 10 - 9 - 1) = 0 only
+    for at in [(0.0, 0.0), (0.99, 0.99)]:
+        out = fit_square(img, 9, 0.9, at)
+        assert torch.equal(out, img[:, 0:9, 0:9])
+    # 0.6 -> side 6: offsets 0..3 (4 positions); u = 0.5 -> 2, u = 0.99 -> 3
+    assert torch.equal(fit_square(img, 6, 0.6, (0.5, 0.99)), img[:, 2:8, 3:9])
+    # x/128 - 1 + U[0, 1/128): with the generator's draws, exactly
+    px = torch.tensor([[[[0, 127, 128, 255]]]], dtype=torch.uint8).expand(1, 3, 1, 4).contiguous()
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    x = to_model_range(px, "cpu", scale=128.0, dequantize=True, generator=g1)
+    u = torch.rand(px.shape, generator=g2)
+    torch.testing.assert_close(x, px.float() / 128 - 1 + u / 128, rtol=0, atol=0)
+    assert x.min() >= -1.0 and x.max() < 1.0
+    lo = px.float() / 128 - 1
+    assert ((x >= lo) & (x < lo + 1 / 128)).all()          # each level its own interval of width 1/128
+    # The default form: x/127.5 - 1, exactly -1 and 1 at the ends, no noise.
+    torch.testing.assert_close(to_model_range(px, "cpu")[0, 0, 0], torch.tensor([-1.0, 127 / 127.5 - 1, 128 / 127.5 - 1, 1.0]))

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from models import (ConditionalBatchNorm2d, DLayers, ProjectionHead, build_discriminator,
-                    build_generator, discriminator_names, generator_names, spectral_norm_layers)
+from models import (ConditionalBatchNorm2d, DLayers, GBatchNorm2d, ProjectionHead, build_discriminator,
+                    build_generator, discriminator_names, generator_names, set_bn_splits, spectral_norm_layers)
 from models.export import load_generator, save_generator
 from models.spectral_norm import SpectralNorm
 
@@ -54,8 +54,12 @@ D_DEFAULT_CH = {"cnn32": 64, "cnn48": 64, "dcgan32": 64, "resnet32": 128, "resne
                 "resnet128": 64, "resnet256": 32}
 
 
+CODE_LAYOUT_D = ["cnn32code", "cnn48code"]   # discriminators only: the official code's standard CNN
+
+
 def test_registry_names():
-    assert generator_names() == discriminator_names() == sorted(ARCHS)
+    assert generator_names() == sorted(ARCHS)
+    assert discriminator_names() == sorted(ARCHS + CODE_LAYOUT_D)
 
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["uncond", "cond"])
@@ -161,6 +165,9 @@ def cnn_d(convs, feature_dim, classes):
 
 
 STANDARD_D = [(64, 3), (64, 4), (128, 3), (128, 4), (256, 3), (256, 4), (512, 3)]
+# chainer-gan-lib common/net.py:204-210 (SNDCGANDiscriminator, ch=512): c0_0 3->64 k3, c0_1 64->128 k4,
+# c1_0 128->128 k3, c1_1 128->256 k4, c2_0 256->256 k3, c2_1 256->512 k4, c3_0 512->512 k3; l4 4*4*512 -> 1.
+CODE_D = [(64, 3), (128, 4), (128, 3), (256, 4), (256, 3), (512, 4), (512, 3)]
 EXPECTED_COUNTS = {  # (G, D) at default widths; 1000 classes for 128/256 px, else unconditional
     "cnn32": (cnn_g(128, 4, [512, 256, 128, 64], 0, True), cnn_d(STANDARD_D, 4 * 4 * 512, 0)),
     "cnn48": (cnn_g(128, 6, [512, 256, 128, 64], 0, True), cnn_d(STANDARD_D, 6 * 6 * 512, 0)),
@@ -177,6 +184,23 @@ EXPECTED_COUNTS = {  # (G, D) at default widths; 1000 classes for 128/256 px, el
                   resnet_d(32, [(64, True), (128, True), (256, True), (256, True), (512, True),
                                 (512, False)], 1000)),
 }
+
+
+@pytest.mark.parametrize("name, res", [("cnn32code", 32), ("cnn48code", 48)])
+def test_code_layout_discriminator_counts_and_shapes(name, res):
+    """The official code's layout: twice the table's D parameters (the seeds' and the paper's code)."""
+    with torch.device("meta"):
+        d = build_discriminator(name)
+        table = build_discriminator(name.replace("code", ""))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(d) == cnn_d(CODE_D, (res // 8) ** 2 * 512, 0)
+    assert res != 32 or count(d) == 5_860_865   # 2,935,873 in the table's layout
+    assert count(d) > 1.9 * count(table)
+    torch.manual_seed(0)
+    d = build_discriminator(name, num_classes=NUM_CLASSES, **TINY)
+    x = torch.randn(2, 3, res, res)
+    assert d(x, torch.tensor([0, 3])).shape == (2,)
+    assert d.features(x).shape == (2, (res // 8) ** 2 * 8 * 8)
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -273,7 +297,8 @@ def test_unknown_names_are_reported_with_the_valid_ones():
 def test_conditional_batchnorm():
     torch.manual_seed(5)
     cbn = ConditionalBatchNorm2d(4, num_classes=3)
-    plain = nn.BatchNorm2d(4, affine=False)
+    assert cbn.bn.eps == 2e-5   # Chainer's default, as the official code (docs/fidelity.md)
+    plain = nn.BatchNorm2d(4, affine=False, eps=2e-5)
     x, y = torch.randn(6, 4, 5, 5), torch.tensor([0, 1, 2, 0, 1, 2])
     torch.testing.assert_close(cbn(x, y), plain(x))  # gamma = 1, beta = 0 at init
     with torch.no_grad():
@@ -298,3 +323,30 @@ def test_exported_generator_round_trip(tmp_path):
     z, y = torch.randn(2, 128), torch.tensor([2, 1])
     torch.testing.assert_close(loaded(z, y), g(z, y))
     assert meta["which"] == "G" and meta["info"] == {"step": 1}
+
+
+def test_bn_slices_give_per_slice_statistics():
+    """model.bn_world: G's BN over slices equals a separate BN per slice (the official per-GPU
+    statistics), and the running statistics move to the slices' average."""
+    torch.manual_seed(7)
+    x = torch.randn(12, 5, 3, 3) * 3 + 1
+    ghost = GBatchNorm2d(5)
+    ghost.weight.data.uniform_(0.5, 2)
+    ghost.bias.data.uniform_(-1, 1)
+    ghost.splits = 3
+    out = ghost(x)
+    refs = [nn.BatchNorm2d(5, eps=2e-5) for _ in range(3)]
+    expect = []
+    for k, ref in enumerate(refs):
+        ref.load_state_dict({k2: v for k2, v in ghost.state_dict().items() if k2 in ("weight", "bias")}, strict=False)
+        ref.running_mean.zero_(), ref.running_var.fill_(1)
+        expect.append(ref(x[4 * k:4 * k + 4]))
+    torch.testing.assert_close(out, torch.cat(expect), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ghost.running_mean, sum(r.running_mean for r in refs) / 3)
+    torch.testing.assert_close(ghost.running_var, sum(r.running_var for r in refs) / 3)
+    # A generator: every G BN gets the setting; eval mode ignores it.
+    g = build_generator("resnet32", num_classes=3, ch=8)
+    assert set_bn_splits(g, 2) == 1 + 2 * 3   # final BN + two per block
+    g.eval()
+    z, y = torch.randn(4, 128), torch.tensor([0, 1, 2, 0])
+    torch.testing.assert_close(g(z, y), (set_bn_splits(g, 1), g(z, y))[1])

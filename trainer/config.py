@@ -39,6 +39,10 @@ class ModelConfig:
     # How D is constrained (SN-GAN paper, Sec. 4 comparison): sn | wn | orth | clip | gp | none
     d_constraint: str = "sn"
     n_power_iterations: int = 1
+    # G's BatchNorm statistics as on this many processes: each rank's batch is cut into
+    # bn_world / world_size slices with statistics of their own (the official ImageNet runs used 4
+    # GPUs with per-GPU statistics). 0 = statistics over each rank's whole batch.
+    bn_world: int = 0
 
 
 @dataclass
@@ -240,7 +244,7 @@ MIN_INT = {
     "train.steps": 1, "train.batch_size": 1, "train.g_batch_size": 0, "train.n_dis": 1,
     "train.log_every": 1, "train.sample_every": 1, "train.ckpt_every": 1, "train.keep_ckpts": 1,
     "train.ema_start_step": 0, "model.num_classes": 0, "model.ch": 0, "model.g_ch": 0, "model.d_ch": 0,
-    "model.z_dim": 1, "model.n_power_iterations": 1, "optim.decay_start": 0, "optim.decay_end": 0,
+    "model.z_dim": 1, "model.n_power_iterations": 1, "model.bn_world": 0, "optim.decay_start": 0, "optim.decay_end": 0,
     "data.resolution": 1, "data.num_workers": 0, "data.shuffle_buffer": 1, "data.synthetic_size": 1,
 }
 MAX_INT = {"train.batch_size": 1 << 20, "train.g_batch_size": 1 << 20, "train.n_dis": 1000,
@@ -254,6 +258,7 @@ FLOAT_RANGES = {
     "loss.gp_weight": (0.0, False, None, False), "loss.orth_weight": (0.0, False, None, False),
     "loss.clip_value": (0.0, True, None, False), "train.ema_half_life_kimg": (0.0, False, None, False),
     "data.random_crop_ratio": (0.0, True, 1.0, False),
+    "data.pixel_scale": (127.5, False, 128.0, False),
 }
 
 

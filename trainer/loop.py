@@ -31,7 +31,7 @@ from data_pipelines.verify import check_training_data
 
 from . import checkpoint, dist
 from .build import Parts, lr_factor
-from .config import Config, to_dict
+from .config import Config, ConfigError, to_dict
 from .ema import EMA, copy_weights
 from .samples import fixed_inputs, render_grid, save_grid
 from .stats import Collector, MetricsWriter
@@ -94,6 +94,7 @@ class Loop:
             if value % self.world:
                 raise ValueError(f"{name}={value} is not divisible by the world size {self.world}")
         self.d_batch, self.g_batch = t.batch_size // self.world, g_batch // self.world
+        self._set_bn_slices(cfg.model.bn_world)
         self.images_per_step = t.n_dis * t.batch_size + g_batch  # real images + G images, global
         self.num_classes = cfg.model.num_classes
         self.z_dim = parts.G.z_dim
@@ -118,6 +119,25 @@ class Loop:
         self.data_iter = None
         self._batch_checked = False
 
+    def _set_bn_slices(self, bn_world: int) -> None:
+        """``model.bn_world``: G's BN statistics per slice, as on ``bn_world`` processes (docs/fidelity.md)."""
+        if not bn_world:
+            return
+        if bn_world % self.world:
+            dist.print0(f"[trainer] warning: model.bn_world={bn_world} is not a multiple of the {self.world} process(es): "
+                        f"G's BatchNorm statistics cover each rank's whole batch ({self.d_batch} / {self.g_batch} "
+                        f"samples), not the {bn_world}-process setting's")
+            return
+        k = bn_world // self.world
+        for name, batch in (("train.batch_size", self.d_batch), ("train.g_batch_size", self.g_batch)):
+            if batch % k or batch // k < 2:
+                raise ConfigError(f"model.bn_world={bn_world} cuts each rank's batch into {k} slices, but {name} gives "
+                                  f"{batch} per rank, which {'is not divisible by' if batch % k else 'is too small for'} {k}")
+        models.set_bn_splits(self.p.G, k)
+        if k > 1:
+            dist.print0(f"[trainer] G's BatchNorm: statistics per slice of {self.d_batch // k} (D step) / "
+                        f"{self.g_batch // k} (G step) samples, as on {bn_world} processes (model.bn_world)")
+
     # ----------------------------------------------------------------- inputs
     def _latents(self, n: int):
         z = torch.randn(n, self.z_dim, device=self.device, generator=self.gen)
@@ -133,7 +153,8 @@ class Loop:
                 raise DataMismatch(f"the data stream gives batches of shape {tuple(images.shape)}, the model "
                                    f"expects {want} (data.resolution={self.cfg.data.resolution})")
             self._batch_checked = True
-        x = to_model_range(images, self.device, self.cfg.train.channels_last)
+        d = self.cfg.data
+        x = to_model_range(images, self.device, self.cfg.train.channels_last, d.pixel_scale, d.dequantize, self.gen)
         y = labels.to(self.device, non_blocking=True) if self.num_classes > 0 else None
         return x, y
 
