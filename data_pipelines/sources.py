@@ -5,6 +5,14 @@ class folder, every val image labelled) and raises :class:`SourceError` with the
 was expected *before* any image is converted. The result is a :class:`Source`: a class list and
 ``len(source)`` items, each a file path or a pixel array plus a label, in a deterministic order
 (sorted class, then sorted file name; the dataset's own order for CIFAR / STL-10).
+
+An ImageFolder tree is read as torchvision's ``ImageFolder`` reads it (``make_dataset``): classes
+are the sorted sub-folder names, and a class holds every file with an image extension at any depth
+below its folder (``os.walk`` following symbolic links, walk entries and file names sorted), so
+``CLASS/images/*.JPEG`` (several public ImageNet subsets) works and the labels equal torchvision's.
+One deliberate difference: hidden folders (``.ipynb_checkpoints``) are not classes. The manifest's
+``source.per_class`` lists the files found per class. ImageNet synset folders are read one level
+deep, as before.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -49,7 +57,7 @@ class Source:
     labels: np.ndarray                      # int64 [N]; -1 for unlabelled data (STL-10 unlabeled)
     files: Optional[List[str]] = None       # file sources: absolute paths, aligned with labels
     pixels: Optional[Callable[[int, int], np.ndarray]] = None  # array sources: (start, stop) -> uint8 [n, H, W, 3]
-    details: Dict[str, str] = field(default_factory=dict)      # e.g. the labels file used
+    details: Dict[str, Any] = field(default_factory=dict)      # e.g. the labels file used, per_class counts
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -80,6 +88,34 @@ def _image_files(folder: Path) -> List[str]:
     return [e.path for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)]
 
 
+def _image_files_below(folder: Path) -> List[str]:
+    """Every image file at any depth below ``folder``, in torchvision ``make_dataset``'s order.
+
+    As torchvision: ``sorted(os.walk(folder, followlinks=True))`` and sorted file names, the
+    extension matched case-insensitively. Unlike it, an unreadable sub-folder or a symbolic link
+    back to a folder above it is an error (torchvision skips the first silently and walks the
+    second until the path is too long).
+    """
+    def fail(exc: OSError) -> None:
+        raise SourceError(f"cannot list {exc.filename!r} below class folder {str(folder)!r}: {exc.strerror}")
+
+    walked, real_of = [], {}
+    for root, dirs, fnames in os.walk(str(folder), onerror=fail, followlinks=True):
+        real = os.path.realpath(root)
+        parent = os.path.dirname(root)
+        ancestors = set()
+        while parent in real_of:          # the chain of folders above root, up to the class folder
+            ancestors.add(real_of[parent])
+            parent = os.path.dirname(parent)
+        if real in ancestors:
+            raise SourceError(f"{root!r} links back to a folder above it ({real!r}); the tree has no end. "
+                              f"Remove the link")
+        real_of[root] = real
+        walked.append((root, dirs, fnames))
+    return [os.path.join(root, name) for root, _, fnames in sorted(walked) for name in sorted(fnames)
+            if name.lower().endswith(IMAGE_SUFFIXES)]
+
+
 def _class_folders(root: Path) -> List[Path]:
     return sorted((Path(e.path) for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")),
                   key=lambda p: p.name)
@@ -103,17 +139,22 @@ def _find_upwards(start: Path, names: Sequence[str], levels: int = 4) -> Optiona
     return None
 
 
-def _folder_tree(root: Path, what: str) -> Tuple[List[Path], List[str], List[int]]:
-    """Class folders, then all image files with their class index; fails on an empty class."""
+def _folder_tree(root: Path, what: str, any_depth: bool = False) -> Tuple[List[Path], List[str], List[int]]:
+    """Class folders, then all image files with their class index; fails on an empty class.
+
+    ``any_depth``: a class's images may sit in sub-folders of its folder (ImageFolder rules);
+    otherwise only files directly in it count (ImageNet synset folders).
+    """
     folders = _class_folders(root)
     if not folders:
         raise SourceError(f"{what} {str(root)!r} has no class sub-folders; expected "
                           f"{root}/<class>/<image files>")
     files, labels = [], []
     for index, folder in enumerate(folders):
-        images = _image_files(folder)
+        images = _image_files_below(folder) if any_depth else _image_files(folder)
         if not images:
-            raise SourceError(f"class folder {str(folder)!r} holds no image files "
+            where = "at any depth" if any_depth else "directly in it"
+            raise SourceError(f"class folder {str(folder)!r} holds no image files {where} "
                               f"({', '.join(IMAGE_SUFFIXES)}); remove it or add images")
         files.extend(images)
         labels.extend([index] * len(images))
@@ -235,9 +276,12 @@ def open_imagenet(path: Path, split: str, labels_file: Optional[str]) -> Source:
 
 def open_imagefolder(path: Path, split: str) -> Source:
     root = _readable_dir(_split_dir(_readable_dir(path, "ImageFolder path"), split), "ImageFolder path")
-    folders, files, labels = _folder_tree(root, "ImageFolder path")
+    folders, files, labels = _folder_tree(root, "ImageFolder path", any_depth=True)
     classes = [ClassInfo(f.name, f.name, i) for i, f in enumerate(folders)]
-    return Source("imagefolder", str(root.resolve()), split, classes, np.asarray(labels, np.int64), files=files)
+    labels = np.asarray(labels, np.int64)
+    per_class = np.bincount(labels, minlength=len(classes)).tolist()
+    return Source("imagefolder", str(root.resolve()), split, classes, labels, files=files,
+                  details={"per_class": per_class})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,6 +397,8 @@ def select_classes(source: Source, wanted: Sequence[str]) -> Source:
             return base(lo, int(idx[-1]) + 1 if len(idx) else 0)[idx - lo]
 
     details = dict(source.details, classes_selected=str(len(old)))
+    if "per_class" in details:  # the counts of the kept classes, in their new order
+        details["per_class"] = [int(source.details["per_class"][i]) for i in old]
     return Source(source.kind, source.path, source.split, [source.classes[i] for i in old],
                   remap[source.labels[picked]], files=files, pixels=pixels, details=details)
 

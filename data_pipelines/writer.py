@@ -71,7 +71,9 @@ _OPTIONS: Optional[PrepareOptions] = None
 
 def _job_spec(source: Source, opts: PrepareOptions) -> dict:
     classes = [c.id for c in source.classes]
-    return {"writer_version": WRITER_VERSION, "source": source.describe(), "num_items": len(source),
+    # The per-class counts are a result of the listing, not an option: not part of the job's identity.
+    described = {k: v for k, v in source.describe().items() if k != "per_class"}
+    return {"writer_version": WRITER_VERSION, "source": described, "num_items": len(source),
             "classes_sha256": hashlib.sha256("\n".join(classes).encode()).hexdigest(),
             "format": opts.format, "resolution": opts.resolution, "jpeg_quality": opts.jpeg_quality,
             "samples_per_shard": opts.samples_per_shard, "shuffle_seed": opts.shuffle_seed}

@@ -136,7 +136,7 @@ def data_spec(cfg: dict, run_dir: str) -> str:
                      "give --ref STATS")
 
 
-def record_pruned(run_dir: str, tag: str) -> List[str]:
+def record_pruned(run_dir: str, tag: str, every_steps: int = 0, final_step: int = 0) -> List[str]:
     """Checkpoints the trainer saved and then pruned (``train.keep_ckpts``) before they were evaluated
     with these settings: each gets one ``{"checkpoint", "skipped": ...}`` line in eval.jsonl, so a
     gap in the results is explained instead of silent. Returns their names."""
@@ -156,7 +156,8 @@ def record_pruned(run_dir: str, tag: str) -> List[str]:
                 pruned.add(rec.get("checkpoint"))
     done = evaluated(run_dir, tag) | skipped_records(run_dir, tag)
     on_disk = {os.path.basename(p) for p in complete_checkpoints(run_dir)}
-    missed = sorted(n for n in pruned if n in saved and n not in done and n not in on_disk)
+    missed = sorted(n for n in pruned if n in saved and n not in done and n not in on_disk
+                    and wanted(n, every_steps, final_step))
     for name in missed:
         append_result(run_dir, {"checkpoint": name, "settings": tag, "step": saved[name],
                                 "time": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -181,11 +182,20 @@ def skipped_records(run_dir: str, tag: str) -> Set[str]:
     return out
 
 
-def next_checkpoint(run_dir: str, tag: str, stale_after: float) -> Optional[str]:
+def wanted(ckpt: str, every_steps: int, final_step: int) -> bool:
+    """``--every-steps S``: only checkpoints whose step is a multiple of S, and the final one."""
+    if every_steps <= 0:
+        return True
+    step = int(os.path.basename(ckpt).rsplit("-", 1)[-1])
+    return step % every_steps == 0 or (final_step > 0 and step == final_step)
+
+
+def next_checkpoint(run_dir: str, tag: str, stale_after: float, every_steps: int = 0,
+                    final_step: int = 0) -> Optional[str]:
     done = evaluated(run_dir, tag)
     for ckpt in complete_checkpoints(run_dir):
         name = os.path.basename(ckpt)
-        if name not in done and try_claim(run_dir, name, tag, stale_after):
+        if name not in done and wanted(ckpt, every_steps, final_step) and try_claim(run_dir, name, tag, stale_after):
             return ckpt
     return None
 
@@ -199,6 +209,13 @@ def _main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--watch", action="store_true", help="keep evaluating new checkpoints as they land")
     p.add_argument("--interval", type=float, default=60.0, help="seconds between polls in --watch mode")
     p.add_argument("--max-idle", type=float, default=0.0, help="--watch: stop after this many idle seconds (0: never)")
+    p.add_argument("--every-steps", type=int, default=0,
+                   help="only checkpoints whose step is a multiple of this (and --final-step); 0: every checkpoint")
+    p.add_argument("--final-step", type=int, default=0,
+                   help="--watch: stop once the checkpoint of this step is evaluated (0: no such stop)")
+    p.add_argument("--no-tensorboard", action="store_true",
+                   help="do not write eval/* scalars to RUN_DIR/tb (the trainer's own in-training evaluation "
+                        "logs them to its trackers instead)")
     p.add_argument("--stale-after", type=float, default=6 * 3600.0,
                    help="seconds after which a claim without a result is taken over")
     add_eval_args(p)
@@ -221,10 +238,14 @@ def _main(argv: Optional[List[str]] = None) -> int:
     idle_since = time.time()
     while True:
         if dist.is_main():
-            record_pruned(args.run_dir, tag)
-        ckpt = dist.broadcast_object(next_checkpoint(args.run_dir, tag, args.stale_after) if dist.is_main() else None)
+            record_pruned(args.run_dir, tag, args.every_steps, args.final_step)
+        ckpt = dist.broadcast_object(next_checkpoint(args.run_dir, tag, args.stale_after, args.every_steps,
+                                                     args.final_step) if dist.is_main() else None)
         if ckpt is None:
-            if not args.watch or (args.max_idle and time.time() - idle_since > args.max_idle):
+            final_done = args.final_step > 0 and f"ckpt-{args.final_step:09d}" in (
+                evaluated(args.run_dir, tag) | skipped_records(args.run_dir, tag))
+            final_done = dist.broadcast_object(final_done if dist.is_main() else None)
+            if not args.watch or final_done or (args.max_idle and time.time() - idle_since > args.max_idle):
                 break
             time.sleep(args.interval)
             continue
@@ -241,7 +262,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
         if dist.is_main():
             record = {"checkpoint": name, "settings": tag, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **result}
             append_result(args.run_dir, record)
-            if "error" not in record:
+            if "error" not in record and not args.no_tensorboard:
                 log_tensorboard(args.run_dir, record)
                 print(json.dumps({k: record.get(k) for k in ("checkpoint", "step", "fid", "is", "kid", "intra_fid")
                                   if k in record}), flush=True)

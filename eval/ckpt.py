@@ -84,7 +84,8 @@ def complete_checkpoints(run_dir: str) -> List[str]:
 
 def check_run_config(gen_meta: dict, ckpt_dir: str) -> None:
     """Refuse a checkpoint folder whose generator is not the model its run's config.yaml describes."""
-    cfg_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_dir))), "config.yaml")
+    # realpath: RUN_DIR/best is a symlink to checkpoints/ckpt-<step>, whose run folder is two levels up.
+    cfg_path = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(ckpt_dir))), "config.yaml")
     if not os.path.isfile(cfg_path):
         return
     import yaml

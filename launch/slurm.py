@@ -325,7 +325,19 @@ def cmd_train(args) -> int:
         if args.eval:
             print_dry_run(*eval_plan(run_dir, eval_args, after="TRAIN_JOB_ID"))
         return 0
+    config = yaml.safe_load(config_yaml) or {}
+    in_training_eval = int((config.get("train") or {}).get("eval_every") or 0) > 0
+    if in_training_eval:  # the trainer's evaluator runs as a job of its own, beside training
+        params["setup"] = [*params["setup"], "export SNGAN_EVAL_EXTERNAL=1"]
     entries = submit(run_dir, "train", what, params, [task], args.max_requeues)
+    if in_training_eval:
+        from trainer.config import load_config
+        from trainer.evaluation import evaluator_args
+        cfg = load_config(args.exp, args.overrides)
+        eval_params = sbatch_parameters(argparse.Namespace(**{**vars(args), "nodes": 1}),
+                                        f"{args.job_name or 'sngan-' + exp_name}-evalwatch", max(args.gpus_per_node, 1))
+        entries += submit(run_dir, "eval", "in-training evaluation (eval.batch --watch, beside training)",
+                          eval_params, [EvalTask("eval.batch", evaluator_args(cfg, run_dir), args.gpus_per_node)])
     if args.eval:
         eval_what, _, eval_params, eval_tasks = eval_plan(run_dir, eval_args, after=entries[0]["job_id"])
         entries += submit(run_dir, "eval", eval_what, eval_params, eval_tasks)

@@ -123,6 +123,7 @@ def test_resume_at_another_world_size(tmp_path):
     before = load_ckpt(str(tmp_path / "checkpoints" / "ckpt-000000004"))
     proc = run(tmp_path, "train.steps=5", "train.ckpt_every=2")
     assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
+    assert "world size changed from 2 to 1" in proc.stdout and "reseeded" in proc.stdout
     after = load_ckpt(str(tmp_path / "checkpoints" / "ckpt-000000005"))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("D."))
 

@@ -46,6 +46,28 @@ class Parts:
     d_kwargs: dict
 
 
+def set_backend_flags(cfg: Config, device: torch.device) -> None:
+    """TF32 and cuDNN autotuning (CUDA only; stated in the config: ``train.tf32``, ``train.cudnn_benchmark``)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+
+
+def compile_models(cfg: Config, parts: "Parts") -> None:
+    """``torch.compile`` G and D in place (SN's power iteration is one custom op inside the graph),
+    with a recompilation guard: after ``train.compile_max_recompiles`` recompilations of a frame,
+    dynamo runs it eagerly and logs why (shapes should not change between steps)."""
+    import torch._dynamo
+    limit = cfg.train.compile_max_recompiles
+    for name in ("recompile_limit", "cache_size_limit"):   # the name changed across torch releases
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, limit)
+    parts.G.compile()
+    parts.D.compile()
+
+
 def build_parts(cfg: Config, device: torch.device) -> Parts:
     constraint = build_constraint(cfg.model.d_constraint, cfg.loss.gp_weight, cfg.loss.orth_weight,
                                   cfg.loss.clip_value)
@@ -60,15 +82,27 @@ def build_parts(cfg: Config, device: torch.device) -> Parts:
     G_ema = None
     if cfg.train.ema_half_life_kimg > 0:
         G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    opt_g, opt_d = make_optimizer(cfg, G, cfg.optim.lr_g), make_optimizer(cfg, D, cfg.optim.lr_d)
+    opt_g, opt_d = make_optimizer(cfg, G, cfg.optim.lr_g, device), make_optimizer(cfg, D, cfg.optim.lr_d, device)
     return Parts(G, D, G_ema, opt_g, opt_d, get_loss(cfg.loss.name), constraint, g_kwargs, d_kwargs)
 
 
-def make_optimizer(cfg: Config, module: nn.Module, lr: float) -> torch.optim.Optimizer:
+def optimizer_kernels(cfg: Config, device: torch.device) -> dict:
+    """``optim.implementation`` as optimizer keyword arguments (``auto``: fused on CUDA, else foreach)."""
+    impl = cfg.optim.implementation
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "foreach"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[impl]
+
+
+def make_optimizer(cfg: Config, module: nn.Module, lr: float, device: torch.device = torch.device("cpu")
+                   ) -> torch.optim.Optimizer:
     o = cfg.optim
+    kernels = optimizer_kernels(cfg, device)
     if o.name == "rmsprop":
-        return torch.optim.RMSprop(module.parameters(), lr=lr)
-    return torch.optim.Adam(module.parameters(), lr=lr, betas=(o.beta1, o.beta2))
+        if "fused" in kernels:   # torch has no fused RMSprop: foreach is the fast path there
+            kernels = {"foreach": True}
+        return torch.optim.RMSprop(module.parameters(), lr=lr, **kernels)
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=(o.beta1, o.beta2), **kernels)
 
 
 def lr_factor(cfg: Config, step: int) -> float:

@@ -61,6 +61,9 @@ class OptimConfig:
     beta1: float = 0.0
     beta2: float = 0.9
     schedule: str = "constant"    # constant | linear (decay to 0 between decay_start and decay_end)
+    # Optimizer kernels: auto = fused on CUDA (one kernel for all parameters), foreach elsewhere;
+    # fused | foreach | loop force one (the same update, to rounding).
+    implementation: str = "auto"
     decay_start: int = 0          # G step at which linear decay starts
     decay_end: int = 0            # G step at which the LR reaches 0; 0 = train.steps
 
@@ -72,8 +75,17 @@ class TrainConfig:
     g_batch_size: int = 0         # global G batch per G step; 0 = batch_size
     n_dis: int = 5                # D steps per G step
     precision: str = "fp32"       # fp32 | bf16 | fp16 (fp16 uses a grad scaler)
+    # TF32 for fp32 runs on Ampere+ GPUs (matmuls and convolutions with a 10-bit mantissa): off by
+    # default, so that "fp32" means fp32; bf16 is the fast path. No effect on CPU.
+    tf32: bool = False
+    cudnn_benchmark: bool = True  # cuDNN autotuning of convolution algorithms (CUDA; fixed shapes)
     channels_last: bool = False
     compile: bool = False
+    compile_max_recompiles: int = 8   # recompilation guard: beyond this, dynamo falls back to eager and says why
+    # DDP: rank 0's buffers (G's BN running statistics, SN's u/v) broadcast before every forward;
+    # gradients all-reduced in place through bucket views (less memory, one copy less).
+    ddp_broadcast_buffers: bool = True
+    ddp_bucket_view: bool = True
     seed: int = 0
     ema_half_life_kimg: float = 0.0   # EMA of G with this half-life in thousands of images; 0 = off
     ema_start_step: int = 0
@@ -83,6 +95,22 @@ class TrainConfig:
     keep_ckpts: int = 3
     resume: str = "auto"          # auto | none | PATH of a checkpoint folder
     progress: bool = True
+    # Experiment trackers, through accelerate's tracker API: any of tensorboard, wandb, mlflow
+    # (comma-separated), or none; metrics.jsonl is always written.
+    log_with: str = "tensorboard"
+    # FID while training: every eval_every-th checkpoint (and the last) is scored by the separate
+    # evaluator (a background eval.batch process, or its own SLURM job); 0 = off. The best one by
+    # eval_metric is RUN_DIR/best and is never pruned.
+    eval_every: int = 0
+    eval_metric: str = "fid"          # fid | kid | is | intra_fid
+    eval_num_samples: int = 10000
+    eval_extractor: str = "inception"
+    eval_ref: str = ""                # reference statistics .npz; "" = computed once from data.* and cached
+    eval_device: str = "auto"         # auto | cpu | cuda:N (a GPU of its own)
+    # Fine-tuning: start from the weights of a generator.safetensors, a checkpoint or a run folder
+    # (fresh optimizers, step 0); init_strict=false skips tensors whose shape differs, listing them.
+    init_from: str = ""
+    init_strict: bool = True
 
 
 @dataclass
@@ -100,6 +128,8 @@ CHOICES = {
     "loss.name": ("hinge", "wasserstein", "ns", "minimax"),
     "optim.schedule": ("constant", "linear"),
     "optim.name": ("adam", "rmsprop"),
+    "optim.implementation": ("auto", "fused", "foreach", "loop"),
+    "train.eval_metric": ("fid", "kid", "is", "intra_fid"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "data.backend": ("synthetic", "webdataset", "ffcv"),
     "data.verify": ("off", "quick", "full"),
@@ -243,7 +273,8 @@ def load_config(exp: str = "default", overrides: Sequence[str] = ()) -> Config:
 MIN_INT = {
     "train.steps": 1, "train.batch_size": 1, "train.g_batch_size": 0, "train.n_dis": 1,
     "train.log_every": 1, "train.sample_every": 1, "train.ckpt_every": 1, "train.keep_ckpts": 1,
-    "train.ema_start_step": 0, "model.num_classes": 0, "model.ch": 0, "model.g_ch": 0, "model.d_ch": 0,
+    "train.ema_start_step": 0, "train.compile_max_recompiles": 1, "train.eval_every": 0,
+    "train.eval_num_samples": 2, "model.num_classes": 0, "model.ch": 0, "model.g_ch": 0, "model.d_ch": 0,
     "model.z_dim": 1, "model.n_power_iterations": 1, "model.bn_world": 0, "optim.decay_start": 0, "optim.decay_end": 0,
     "data.resolution": 1, "data.num_workers": 0, "data.shuffle_buffer": 1, "data.synthetic_size": 1,
 }
@@ -288,6 +319,11 @@ def validate(cfg: Config) -> None:
         if high is not None and (value > high or (strict_high and value == high)):
             raise ConfigError(f"{key} must be {'<' if strict_high else '<='} {high:g}, got {value:g}")
     t = cfg.train
+    from .stats import parse_log_with
+    try:
+        parse_log_with(t.log_with)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if t.resume not in ("auto", "none") and not os.path.isdir(t.resume):
         raise ConfigError(f"train.resume must be auto, none or an existing checkpoint folder; "
                           f"{t.resume!r} is not a folder")

@@ -34,7 +34,8 @@ from .build import Parts, lr_factor
 from .config import Config, ConfigError, to_dict
 from .ema import EMA, copy_weights
 from .samples import fixed_inputs, render_grid, save_grid
-from .stats import Collector, MetricsWriter
+from .evaluation import InTrainingEval
+from .stats import Collector, MetricsWriter, parse_log_with
 
 EXIT_OK = 0
 EXIT_PREEMPTED = 75          # EX_TEMPFAIL: checkpoint saved on a stop signal; run again to continue
@@ -102,7 +103,7 @@ class Loop:
         self.step, self.images_seen = 0, 0
         self.gen = torch.Generator(device).manual_seed(t.seed * 1000 + self.rank + 1)
         self.stats = Collector(device)
-        self.writer = MetricsWriter(run_dir, enabled=dist.is_main())
+        self.writer = None   # opened by prepare(), after every check has passed
         self.ema = EMA(t.ema_half_life_kimg * 1000) if parts.G_ema is not None else None
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
@@ -118,6 +119,8 @@ class Loop:
         self.stream = None
         self.data_iter = None
         self._batch_checked = False
+        self.in_eval = None
+        self.eval_summary = None
 
     def _set_bn_slices(self, bn_world: int) -> None:
         """``model.bn_world``: G's BN statistics per slice, as on ``bn_world`` processes (docs/fidelity.md)."""
@@ -215,8 +218,11 @@ class Loop:
                                protect=self.protected_checkpoints())
 
     def protected_checkpoints(self) -> List[str]:
-        """Checkpoints that pruning keeps whatever ``train.keep_ckpts`` says (the best one, when known)."""
-        return []
+        """Checkpoints that pruning keeps whatever ``train.keep_ckpts`` says: the best one and those
+        waiting for their in-training evaluation."""
+        if self.in_eval is None:
+            return []
+        return self.in_eval.protected(checkpoint.list_checkpoints(self.ckpt_root))
 
     def resume(self, plan: ResumePlan) -> Optional[str]:
         """Load ``plan.path`` (already chosen and verified by ``train()``) into every part."""
@@ -269,6 +275,13 @@ class Loop:
         cfg, t = self.cfg, self.cfg.train
         self._start_batch, self._data_seed = 0, t.seed
         self.resume(plan)
+        if plan.path is None and t.init_from:
+            from .finetune import init_from
+            modules = {"G": self.p.G, "D": self.p.D, **({"G_ema": self.p.G_ema} if self.p.G_ema is not None else {})}
+            for line in init_from(t.init_from, modules, t.init_strict):
+                dist.print0(f"[trainer] {line}")
+        elif plan.path is not None and t.init_from:
+            dist.print0(f"[trainer] train.init_from is ignored: the run resumes from its own checkpoint {plan.path}")
         error = None
         if dist.is_main():
             try:
@@ -330,6 +343,7 @@ class Loop:
         self._check_finite()
         try:
             self.writer.write(self.step, values, {"images_seen": self.images_seen})
+            self._log_eval()
         except OSError as exc:
             raise StorageError(f"could not append to {os.path.join(self.run_dir, 'metrics.jsonl')}: "
                                f"{checkpoint.storage_reason(exc, self.run_dir)}") from None
@@ -368,6 +382,11 @@ class Loop:
         before the sample grid: a full disk must not cost the checkpoint.
         """
         cfg, t = self.cfg, self.cfg.train
+        from .config import flatten
+        self.writer = MetricsWriter(self.run_dir, enabled=dist.is_main(), log_with=parse_log_with(t.log_with),
+                                    name=cfg.exp, config=flatten(to_dict(cfg)))
+        self.in_eval = InTrainingEval(cfg, self.run_dir, enabled=dist.is_main())
+        self.in_eval.start()
         z_fixed, y_fixed = fixed_inputs(self.z_dim, self.num_classes, seed=t.seed)
         bar = None
         if dist.is_main() and t.progress:
@@ -396,11 +415,21 @@ class Loop:
                     dist.print0(f"stop signal: checkpoint {path} written at step {self.step}; exiting")
                     status = EXIT_PREEMPTED
                     break
+            if status == EXIT_OK and self.in_eval.enabled:
+                self.in_eval.wait(self.step)
+                self._log_eval()
+                self.eval_summary = self.in_eval.summary(self.step)
         finally:
             if bar is not None:
                 bar.close()
+            self.in_eval.stop()
             self.writer.close()
         return status
+
+    def _log_eval(self) -> None:
+        """Results of the in-training evaluation, at their checkpoints' steps (main rank only)."""
+        for rec in self.in_eval.poll():
+            self.writer.write(rec["step"], self.in_eval.scalars(rec), {"checkpoint": rec["checkpoint"]})
 
     def _iteration(self) -> int:
         lr = lr_factor(self.cfg, self.step)

@@ -194,7 +194,7 @@ def train(cfg, out=None, before_run=None, allow_config_change: bool = False):
     from accelerate import Accelerator
 
     from trainer import dist, runfolder
-    from trainer.build import build_parts
+    from trainer.build import build_parts, compile_models, set_backend_flags
     from trainer.loop import Loop
 
     stop = StopFlag()
@@ -203,7 +203,11 @@ def train(cfg, out=None, before_run=None, allow_config_change: bool = False):
     lock = None
     try:
         resolve_launcher_settings(cfg)
-        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", dynamo_backend="no")
+        from accelerate.utils import DistributedDataParallelKwargs
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=cfg.train.ddp_broadcast_buffers,
+                                            gradient_as_bucket_view=cfg.train.ddp_bucket_view)
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", dynamo_backend="no",
+                                  kwargs_handlers=[ddp])
         run_dir = _run_dir(out, cfg.exp)
         error, plan = None, None
         if dist.is_main():
@@ -220,10 +224,10 @@ def train(cfg, out=None, before_run=None, allow_config_change: bool = False):
         if plan.changed:
             dist.print0("[trainer] config changed since the checkpoint: "
                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in plan.changed.items()))
+        set_backend_flags(cfg, accelerator.device)
         parts = build_parts(cfg, accelerator.device)
         if cfg.train.compile:
-            parts.G.compile()
-            parts.D.compile()
+            compile_models(cfg, parts)
         G_ddp = accelerator.prepare_model(parts.G)
         D_ddp = accelerator.prepare_model(parts.D)
         loop = Loop(cfg, parts, G_ddp, D_ddp, accelerator.device, run_dir, stop)
@@ -239,6 +243,8 @@ def train(cfg, out=None, before_run=None, allow_config_change: bool = False):
         if loop.status == EXIT_OK:
             dist.print0(f"[trainer] done: samples in {os.path.join(run_dir, 'samples')}, "
                         f"checkpoints in {os.path.join(run_dir, 'checkpoints')}")
+            if loop.eval_summary:
+                dist.print0(loop.eval_summary)
     finally:
         stop.restore()
         if lock is not None:

@@ -38,7 +38,8 @@ RERUN_KEYS = frozenset({
     "train.steps", "train.log_every", "train.sample_every", "train.ckpt_every", "train.keep_ckpts",
     "train.progress", "train.resume", "data.num_workers", "data.path", "data.verify",
     "train.log_with", "train.eval_every", "train.eval_metric", "train.eval_num_samples",
-    "train.eval_extractor", "train.eval_ref",
+    "train.eval_extractor", "train.eval_ref", "train.eval_device", "train.init_from", "train.init_strict",
+    "train.cudnn_benchmark", "train.compile_max_recompiles",
 })
 IGNORED_KEYS = frozenset({"exp"})     # the experiment's name; its content is compared key by key
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -48,33 +48,112 @@ class Collector:
         return {n: s / c for n, s, c in zip(names, sums, counts) if c > 0}
 
 
-class MetricsWriter:
-    """metrics.jsonl + TensorBoard on the main rank; a no-op elsewhere."""
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
-    def __init__(self, run_dir: str, enabled: bool):
+
+def parse_log_with(text: str) -> Tuple[str, ...]:
+    """``train.log_with``: a comma-separated subset of tensorboard, wandb, mlflow (``none``: only
+    metrics.jsonl)."""
+    names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    if names in ((), ("none",)):
+        return ()
+    bad = [n for n in names if n not in TRACKERS]
+    if bad:
+        raise ValueError(f"train.log_with={text!r}: unknown tracker(s) {bad}; choose from {', '.join(TRACKERS)} or none")
+    return names
+
+
+class _Trackers:
+    """The experiment trackers of a run, through accelerate's tracker API (``accelerate.tracking``):
+    TensorBoard in ``RUN_DIR/tb``, W&B with its files in ``RUN_DIR/wandb`` (``WANDB_MODE=offline``
+    works without a network), MLflow with the tracking store in ``RUN_DIR/mlruns`` unless
+    ``MLFLOW_TRACKING_URI`` says otherwise. The W&B and MLflow run ids are kept in
+    ``RUN_DIR/trackers.json``, so a resumed run logs into the same runs."""
+
+    def __init__(self, names, run_dir: str, name: str, config: Optional[dict]):
+        from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+        self.run_dir = run_dir
+        ids_path = os.path.join(run_dir, "trackers.json")
+        try:
+            with open(ids_path) as fh:
+                ids = json.load(fh)
+        except (OSError, ValueError):
+            ids = {}
+        self.trackers = []
+        for tracker_name in names:
+            if tracker_name == "tensorboard":
+                tracker = TensorBoardTracker("tb", run_dir)
+            elif tracker_name == "wandb":
+                import uuid
+                run_id = ids.get("wandb") or uuid.uuid4().hex[:8]
+                ids["wandb"] = run_id
+                tracker = WandBTracker(name, dir=run_dir, id=run_id, resume="allow",
+                                       name=os.path.basename(os.path.abspath(run_dir)))
+            else:
+                if not os.environ.get("MLFLOW_TRACKING_URI"):
+                    # A file store inside the run folder (MLflow 3 asks for an explicit opt-in to it).
+                    os.environ["MLFLOW_TRACKING_URI"] = "file:" + os.path.join(os.path.abspath(run_dir), "mlruns")
+                    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                tracker = MLflowTracker(name, run_id=ids.get("mlflow"),
+                                        run_name=os.path.basename(os.path.abspath(run_dir)))
+            tracker.start()
+            if tracker_name == "mlflow":
+                ids["mlflow"] = tracker.active_run.info.run_id
+            if config is not None and not ids.get(f"{tracker_name}_config"):
+                tracker.store_init_configuration(config)
+                ids[f"{tracker_name}_config"] = True
+            self.trackers.append((tracker_name, tracker))
+        with open(ids_path, "w") as fh:
+            json.dump(ids, fh)
+
+    def log(self, values: Dict[str, float], step: int) -> None:
+        for _, tracker in self.trackers:
+            tracker.log(values, step=step)
+
+    def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
+        """``grid``: float [3, H, W] in [0, 1]."""
+        hwc = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        for name, tracker in self.trackers:
+            if name == "tensorboard":
+                tracker.log_images({tag: grid[None]}, step=step)
+            elif name == "wandb":
+                tracker.log_images({tag: [hwc]}, step=step)
+            else:
+                import mlflow
+                mlflow.log_image(hwc, artifact_file=f"{tag}/step-{step:09d}.png")
+
+    def close(self) -> None:
+        for _, tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
+
+
+class MetricsWriter:
+    """metrics.jsonl and the experiment trackers (``train.log_with``) on the main rank; a no-op elsewhere."""
+
+    def __init__(self, run_dir: str, enabled: bool, log_with=("tensorboard",), name: str = "sngan",
+                 config: Optional[dict] = None):
         self.enabled = enabled
-        self._tb = None
+        self._trackers = None
         self._jsonl = None
         if enabled:
             os.makedirs(run_dir, exist_ok=True)
             self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+            self._trackers = _Trackers(log_with, run_dir, name, config)
 
     def write(self, step: int, values: Dict[str, float], extra: Optional[dict] = None) -> None:
         if not self.enabled:
             return
         record = {"step": step, **(extra or {}), **values}
         self._jsonl.write(json.dumps(record) + "\n")
-        for k, v in values.items():
-            self._tb.add_scalar(k, v, step)
+        self._trackers.log(values, step)
 
     def add_image(self, tag: str, image: torch.Tensor, step: int) -> None:
         if self.enabled:
-            self._tb.add_image(tag, image, step)
+            self._trackers.image(tag, image, step)
 
     def close(self) -> None:
-        if self.enabled:
-            self._tb.flush()
-            self._tb.close()
+        if self.enabled and self._jsonl is not None:
+            self._trackers.close()
             self._jsonl.close()
+            self._jsonl = None
