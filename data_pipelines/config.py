@@ -20,7 +20,7 @@ class DataConfig:
     # The SN-GAN paper trains without augmentation; horizontal flips are a common option.
     random_flip: bool = False
     # Random square crop of this fraction of the short side, resized back to data.resolution
-    # (the projection paper's ImageNet augmentation uses 0.9); 1.0 = no random crop.
+    # (the official 256 px dogs-and-cats setting uses 0.9 with flips; 128 px ImageNet none); 1.0 = no crop.
     random_crop_ratio: float = 1.0
     # Check the shards against manifest.json before training: quick (size, header hash and tar
     # header of every shard: one small read each), full (the sha256 of every byte, in parallel), or

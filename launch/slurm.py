@@ -244,15 +244,23 @@ def wait_for(job_id: str, poll_s: float = 2.0, report_every_s: float = 60.0) -> 
     While the job pends, its reason is printed when it changes and every ``report_every_s``; a reason
     that waiting cannot clear (:data:`launch.preflight.FATAL_REASONS`) cancels the job and returns 2.
     """
-    last, last_reason, reported = None, None, 0.0
+    last, last_reason, reported, requeues = None, None, 0.0, 0
     while True:
         info = run_status.sacct([job_id]).get(job_id)
         state = info["State"].split()[0] if info else "PENDING"  # not in accounting yet
         if state != last:
+            if last == "RUNNING" and state in ("PENDING", "REQUEUED"):
+                # A requeue: the earlier run shows as REQUEUED in accounting; say so even when the
+                # transient REQUEUED state fell between two polls.
+                n = run_status.requeue_counts([job_id]).get(job_id, 0)
+                if n > requeues and state != "REQUEUED":
+                    print(f"job {job_id}: REQUEUED ({n} so far)", flush=True)
+                requeues = max(requeues, n)
             print(f"job {job_id}: {state}", flush=True)
             last = state
         if state == "PENDING":
             reason = preflight.pending_reason(job_id)
+            reason = None if reason in ("None", "") else reason
             if reason and (reason != last_reason or time.time() - reported > report_every_s):
                 print(f"job {job_id}: pending ({reason})", flush=True)
                 last_reason, reported = reason, time.time()
@@ -310,9 +318,15 @@ def cmd_train(args) -> int:
         if not args.dry_run:
             preflight.require_slurm()
         if shutil.which("sinfo") is not None:   # a dry run on a machine without SLURM skips this part
-            part = preflight.read_partition(args.partition)
-            preflight.check_allocation(part, args.nodes, tasks_per_node, args.cpus_per_task, args.gpus_per_node,
-                                       args.mem, args.time)
+            try:
+                part = preflight.read_partition(args.partition)
+                preflight.check_allocation(part, args.nodes, tasks_per_node, args.cpus_per_task, args.gpus_per_node,
+                                           args.mem, args.time)
+            except preflight.PreflightError as exc:
+                if not args.dry_run:
+                    raise
+                # A dry run may preview a job for another cluster: say what this one would refuse.
+                print(f"warning: this cluster would refuse the request: {exc}", file=sys.stderr)
     except preflight.PreflightError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -97,14 +97,14 @@ def read_meta(path: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{path}: format {got!r} is not {FORMAT!r}")
-    if not isinstance(meta.get("files"), dict):
-        raise CheckpointError(f"{meta_path}: has no table of file checksums")
     return meta
 
 
 def verify(path: str) -> dict:
     """Check every file against the sha256 in meta.json; return the meta or raise CheckpointError."""
     meta = read_meta(path)
+    if not isinstance(meta.get("files"), dict):
+        raise CheckpointError(f"{os.path.join(path, META)}: has no table of file checksums")
     for rel, digest in meta["files"].items():
         full = os.path.join(path, rel)
         if not os.path.isfile(full):
