@@ -51,7 +51,8 @@ def settings_tag(opts: EvalOptions, ref_key: str, family: str) -> str:
 
 
 def evaluated(run_dir: str, tag: str) -> Set[str]:
-    """Names of checkpoints with a result for these settings in eval.jsonl."""
+    """Names of checkpoints with a line for these settings in eval.jsonl (a result, an error, or
+    "skipped" because it was pruned before its turn)."""
     done = set()
     path = os.path.join(run_dir, RESULTS)
     if os.path.isfile(path):
@@ -154,7 +155,7 @@ def record_pruned(run_dir: str, tag: str, every_steps: int = 0, final_step: int 
                 saved[rec.get("checkpoint")] = rec.get("step")
             elif rec.get("event") == "pruned":
                 pruned.add(rec.get("checkpoint"))
-    done = evaluated(run_dir, tag) | skipped_records(run_dir, tag)
+    done = evaluated(run_dir, tag)   # results, errors and earlier "skipped" lines alike
     on_disk = {os.path.basename(p) for p in complete_checkpoints(run_dir)}
     missed = sorted(n for n in pruned if n in saved and n not in done and n not in on_disk
                     and wanted(n, every_steps, final_step))
@@ -165,21 +166,6 @@ def record_pruned(run_dir: str, tag: str, every_steps: int = 0, final_step: int 
         print(f"warning: {name} (step {saved[name]}) was pruned before it could be evaluated; raise "
               f"train.keep_ckpts or evaluate more often", file=sys.stderr, flush=True)
     return missed
-
-
-def skipped_records(run_dir: str, tag: str) -> Set[str]:
-    out = set()
-    path = os.path.join(run_dir, RESULTS)
-    if os.path.isfile(path):
-        with open(path) as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if rec.get("settings") == tag and rec.get("skipped"):
-                    out.add(rec.get("checkpoint"))
-    return out
 
 
 def wanted(ckpt: str, every_steps: int, final_step: int) -> bool:
@@ -242,8 +228,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
         ckpt = dist.broadcast_object(next_checkpoint(args.run_dir, tag, args.stale_after, args.every_steps,
                                                      args.final_step) if dist.is_main() else None)
         if ckpt is None:
-            final_done = args.final_step > 0 and f"ckpt-{args.final_step:09d}" in (
-                evaluated(args.run_dir, tag) | skipped_records(args.run_dir, tag))
+            final_done = args.final_step > 0 and f"ckpt-{args.final_step:09d}" in evaluated(args.run_dir, tag)
             final_done = dist.broadcast_object(final_done if dist.is_main() else None)
             if not args.watch or final_done or (args.max_idle and time.time() - idle_since > args.max_idle):
                 break
