@@ -1,4 +1,5 @@
-"""Loader throughput per core: our WebDataset and FFCV loaders vs ImageFolder + PIL vs bare decoding.
+"""Loader throughput per core: our WebDataset and FFCV loaders vs the webdataset library's own
+WebLoader vs ImageFolder + PIL vs bare decoding.
 
 Two image sets:
 
@@ -26,11 +27,21 @@ rate, which other jobs on the machine do not distort the way they distort wall t
   (shuffled, default collate): the usual baseline;
 * ``webdataset``: our loader (``data.backend=webdataset``, shuffle buffer 2000), one worker;
 * ``webdataset in-proc``: the same with ``num_workers=0`` (no hand-over between processes);
+* ``webdataset streamed``: our loader given the same shards as ``pipe:cat DIR/shard-{...}.tar``,
+  i.e. the remote path (``webdataset.gopen``, the tar parsed as it streams, no index), one worker;
+* ``wds library``: the package our loader replaces, as its documentation builds a training
+  pipeline: ``wds.WebDataset(shards, resampled=True).shuffle(2000).decode("torchrgb8")
+  .to_tuple("img.jpg", "cls").batched(B)`` in ``wds.WebLoader(..., num_workers=1)`` -- same shards,
+  batch size, shuffle buffer and worker count; uint8 CHW images like ours (``torchrgb`` would add a
+  float conversion);
+* ``wds library+tv dec``: the same pipeline with torchvision's decoder (ours) mapped over the raw
+  image bytes instead of ``.decode`` (PIL), which separates the pipeline's cost from the decoder's;
 * ``ffcv``: our FFCV loader (``data.backend=ffcv``), where ffcv is installed.
 
 Each repetition runs every contender over ``--images`` images in turn (interleaved, so a change in
 load hits all alike); the median over ``--reps`` is reported with the ratios to ImageFolder and to
-the bare decode. Run from the repository root: ``python benchmarks/loader.py`` (~5 minutes on 2 cores).
+the bare decode and to the webdataset library. Run from the repository root:
+``python benchmarks/loader.py`` (~5 minutes on 2 cores; ``--sets cifar10`` for the 32 px set only).
 """
 
 from __future__ import annotations
@@ -148,26 +159,56 @@ def imagefolder(folder: Path, batch: int):
         yield from loader
 
 
-def ours(backend: str, path: Path, resolution: int, batch: int, workers: int = 1):
-    cfg = DataConfig(backend=backend, path=str(path), resolution=resolution, num_workers=workers, shuffle_buffer=2000)
+def wds_library(shards: Path, batch: int, workers: int = 1, our_decoder: bool = False):
+    """The webdataset package's own pipeline over the same shards (endless: resampled shards);
+    ``our_decoder``: with torchvision's decoder mapped over the raw bytes instead of ``.decode``."""
+    import webdataset as wds
+    urls = [str(shards / e["name"]) for e in read_manifest(shards)["shards"]]
+    dataset = wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=None).shuffle(2000)
+    if our_decoder:
+        decode = jpeg_decoder()
+        dataset = dataset.to_tuple("img.jpg", "cls").map_tuple(
+            lambda b: decode(torch.frombuffer(bytearray(b), dtype=torch.uint8)), int)
+    else:
+        dataset = dataset.decode("torchrgb8").to_tuple("img.jpg", "cls")
+    dataset = dataset.batched(batch, partial=False)
+    loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4, persistent_workers=True,
+                           worker_init_fn=lambda _: torch.set_num_threads(1))
+    while True:
+        yield from loader
+
+
+def streamed_spec(shards: Path) -> str:
+    """Our loader's remote path over local shards: one ``cat`` per shard through webdataset.gopen."""
+    n = len(read_manifest(shards)["shards"])
+    return f"pipe:cat {shards}/shard-{{000000..{n - 1:06d}}}.tar"
+
+
+def ours(backend: str, path, resolution: int, batch: int, workers: int = 1):
+    cfg = DataConfig(backend=backend, path=str(path), resolution=resolution, num_workers=workers, shuffle_buffer=2000,
+                     verify="off")
     return iter(build_train_stream(cfg, batch_size=batch, rank=0, world_size=1, seed=0))
 
 
 def cpu_seconds(pids) -> float:
-    """CPU time (user + system) of this process (all its threads) and of the worker processes ``pids``."""
+    """CPU time (user + system) of this process (all its threads) and of the worker processes
+    ``pids``, including the reader processes a worker started and waited for (``cat`` of the
+    streamed row)."""
     import psutil
     total = sum(psutil.Process().cpu_times()[:2])
     for pid in pids:
         try:
-            total += sum(psutil.Process(pid).cpu_times()[:2])
+            total += sum(psutil.Process(pid).cpu_times()[:4])
         except psutil.NoSuchProcess:
             pass
     return total
 
 
 def children() -> set:
+    """The loader worker processes: direct children (their own short-lived readers are counted
+    through them, see cpu_seconds)."""
     import psutil
-    return {c.pid for c in psutil.Process().children(recursive=True)}
+    return {c.pid for c in psutil.Process().children(recursive=False)}
 
 
 def count(item) -> int:
@@ -204,6 +245,9 @@ def bench_set(name: str, folder: Path, shards: Path, beton: Path | None, resolut
         "imagefolder": imagefolder(folder, args.batch),
         "webdataset": ours("webdataset", shards, resolution, args.batch),
         "webdataset in-proc": ours("webdataset", shards, resolution, args.batch, workers=0),
+        "webdataset streamed": ours("webdataset", streamed_spec(shards), resolution, args.batch),
+        "wds library": wds_library(shards, args.batch),
+        "wds library+tv dec": wds_library(shards, args.batch, our_decoder=True),
     }
     if beton is not None:
         contenders["ffcv"] = ours("ffcv", beton, resolution, args.batch)
@@ -221,12 +265,14 @@ def bench_set(name: str, folder: Path, shards: Path, beton: Path | None, resolut
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"\n{name}: {len(blobs)} images at {resolution}px, {images} per measurement, median of {args.reps}, "
           f"worker processes: {', '.join(f'{k} {len(v)}' for k, v in pids.items() if v)}")
-    print(f"{'loader':20s} {'images/s/core':>14s} {'x imagefolder':>14s} {'x bare decode':>14s}")
+    print(f"{'loader':20s} {'images/s/core':>14s} {'x imagefolder':>14s} {'x bare decode':>14s} {'x wds library':>14s}")
     for k, v in med.items():
-        print(f"{k:20s} {v:14.0f} {v / med['imagefolder']:14.2f} {v / med['bare decode']:14.2f}")
+        print(f"{k:20s} {v:14.0f} {v / med['imagefolder']:14.2f} {v / med['bare decode']:14.2f} "
+              f"{v / med['wds library']:14.2f}")
     return {"images": len(blobs), "resolution": resolution, "per_core_images_per_s": med, "all": rates,
             "ratios": {k: {"vs_imagefolder": v / med["imagefolder"], "vs_bare_decode": v / med["bare decode"],
-                           "vs_bare_decode_batch": v / med["bare decode+batch"]} for k, v in med.items()}}
+                           "vs_bare_decode_batch": v / med["bare decode+batch"],
+                           "vs_wds_library": v / med["wds library"]} for k, v in med.items()}}
 
 
 def main() -> None:
@@ -241,6 +287,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median reported)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="writer processes")
     p.add_argument("--no-ffcv", action="store_true", help="skip FFCV even if installed")
+    p.add_argument("--sets", default="cifar10,imagenet128", help="image sets to measure (comma-separated)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -254,9 +301,16 @@ def main() -> None:
         print("ffcv not installed: FFCV rows skipped (tests/install_ffcv.sh installs it)")
     results = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__}, "writer": {}}
 
-    sets = [("cifar10", unpack_cifar(Path(args.cifar), work), "32", 32),
-            ("imagenet128", make_imagenet_like(work / "imagenet-like", args.imagenet_like), "128", 128)]
-    for name, src, res, res_int in sets:
+    wanted = set(args.sets.split(","))
+    unknown = wanted - {"cifar10", "imagenet128"}
+    if unknown:
+        raise SystemExit(f"--sets: unknown {sorted(unknown)}; valid: cifar10, imagenet128")
+    sets = [("cifar10", lambda: unpack_cifar(Path(args.cifar), work), "32", 32),
+            ("imagenet128", lambda: make_imagenet_like(work / "imagenet-like", args.imagenet_like), "128", 128)]
+    for name, make_src, res, res_int in sets:
+        if name not in wanted:
+            continue
+        src = make_src()
         wds = write(src, work / f"{name}-wds", "webdataset", res, args.workers)
         results["writer"][f"{name} webdataset"] = wds["writer"]
         beton = None

@@ -87,7 +87,8 @@ def bench(exp, args, device):
                     fn()
                 sync(device)
                 times.append((time.perf_counter() - t0) / args.iters)
-        loop.writer.close()
+        if loop.writer is not None:   # opened by Loop.run(), which this benchmark bypasses
+            loop.writer.close()
     per_iter = cfg.train.n_dis * cfg.train.batch_size + (cfg.train.g_batch_size or cfg.train.batch_size)
     mo, mb = statistics.median(ours), statistics.median(bare)
     return {"exp": exp, "batch": args.batch, "n_dis": cfg.train.n_dis, "s_per_iter_ours": mo, "s_per_iter_bare": mb,

@@ -11,7 +11,9 @@ class DataConfig:
     # webdataset: tar shards written by `python -m data_pipelines.prepare ... --format webdataset`
     # ffcv: a .beton written by `python -m data_pipelines.prepare ... --format ffcv` (optional extra)
     backend: str = "synthetic"
-    # Shards: a folder holding a manifest.json, a brace pattern or a glob; FFCV: the .beton file.
+    # Shards: a folder holding a manifest.json, a brace pattern or a glob, or what WebDataset opens:
+    # http(s)://host/shard-{000000..001023}.tar, pipe:COMMAND (e.g. pipe:aws s3 cp s3://b/x.tar -),
+    # a manifest's URL; FFCV: the .beton file.
     path: str = ""
     resolution: int = 32
     # Loader worker processes per rank (0 = load in the training process).

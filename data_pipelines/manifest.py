@@ -48,11 +48,12 @@ def read_manifest(path: str | Path) -> dict:
 
 @dataclass
 class ShardSet:
-    paths: List[str]
+    paths: List[str]             # local files, or URLs / pipe: commands when ``remote``
     counts: List[int]            # samples per shard (from the manifest, or counted)
     num_classes: int
     resolution: Optional[int]    # None: images of varying size (originals kept)
     manifest: Optional[dict]
+    remote: bool = False         # streamed through webdataset.gopen (see data_pipelines.remote)
 
 
 def _expand(pattern: str) -> List[str]:
@@ -64,11 +65,21 @@ def _expand(pattern: str) -> List[str]:
     return paths
 
 
-def resolve_shards(path: str) -> ShardSet:
+def resolve_shards(path: str, *, remote: bool = False, announce: bool = True) -> ShardSet:
     """``data.path`` -> shards: a folder with manifest.json, the manifest itself, a brace pattern
-    (``/data/shard-{000000..001281}.tar``) or a glob. Without a manifest the shards are counted."""
+    (``/data/shard-{000000..001281}.tar``) or a glob. Without a manifest the shards are counted.
+
+    ``remote=True`` (the streaming loader) also takes what webdataset opens: brace-expanded URLs
+    (``https://host/shard-{000000..001023}.tar``), ``pipe:`` commands and a manifest's URL (see
+    :mod:`data_pipelines.remote`; ``announce`` logs that they are being counted). Tools that need
+    random access to local files keep the default, which treats such a path as a missing file.
+    """
     if not path:
         raise ValueError("data.path is empty; set it to a folder written by `python -m data_pipelines.prepare`")
+    if remote:
+        from .remote import is_remote, resolve_remote
+        if is_remote(path):
+            return resolve_remote(path, announce=announce)
     p = Path(path).expanduser()
     manifest_file = p / MANIFEST_NAME if p.is_dir() else (p if p.name == MANIFEST_NAME else None)
     if manifest_file is not None and manifest_file.is_file():

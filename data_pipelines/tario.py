@@ -9,7 +9,9 @@ offset, image size, label, image is JPEG)``. With CIFAR-sized images decoding ta
 walking the tar headers in Python would add a third of that per sample, so the loader uses the
 index when it is consistent with the shard and otherwise (third-party shards, damage) parses the
 headers itself (:func:`index_shard`), which stops at the last intact sample of a truncated or
-overwritten shard instead of yielding garbage.
+overwritten shard instead of yielding garbage. Remote shards (URLs, ``pipe:`` commands) have no
+index and are not read whole: :func:`stream_samples` parses a tar stream by the same rules as the
+bytes arrive.
 
 Files are written atomically (``NAME.partial`` + fsync + rename): a shard that exists under its
 final name is complete.
@@ -125,6 +127,53 @@ def header_ok(block: bytes) -> bool:
     return bytes(block[257:262]) == b"ustar" or _checksum_ok(bytes(block[:BLOCK]))
 
 
+_REGULAR = (48, 0, 55)   # '0', NUL, '7': regular files (others: directories, links, devices)
+_META = (76, 120, 103)   # 'L' GNU long name, 'x' / 'g' pax headers
+
+
+def _member_header(header, pos: int) -> Optional[Tuple[int, int]]:
+    """(type flag, data size) of the member header ``header`` found at byte ``pos``; None for the
+    end-of-archive marker. Raises :class:`ShardDamaged` for a damaged header."""
+    if header[257:262] != b"ustar" and not _checksum_ok(bytes(header)):
+        if bytes(header).count(0) == BLOCK:  # end-of-archive marker
+            return None
+        raise ShardDamaged(f"bad tar header at byte {pos}")
+    try:
+        return header[156], _octal(bytes(header[124:136]))
+    except ValueError:
+        raise ShardDamaged(f"bad size field in the tar header at byte {pos}") from None
+
+
+def _meta_name(kind: int, data, long_name: Optional[str], pos: int) -> Optional[str]:
+    """The name that a GNU long-name ('L') or pax ('x', 'g') member at byte ``pos`` gives the next member."""
+    if kind == 76:
+        try:
+            return bytes(data).rstrip(b"\0").decode("utf-8")
+        except UnicodeDecodeError:
+            raise ShardDamaged(f"undecodable long name in the tar member at byte {pos}") from None
+    for line in bytes(data).decode("utf-8", "replace").splitlines():  # pax: only ``path`` matters here
+        _, _, kv = line.partition(" ")
+        if kv.startswith("path="):
+            long_name = kv[5:]
+    return long_name
+
+
+def _header_name(header, pos: int) -> str:
+    """The member name of a header at byte ``pos``; a name that is not UTF-8 is damage (the ustar
+    magic made the header trusted without its checksum)."""
+    try:
+        name = bytes(header[:100]).split(b"\0", 1)[0].decode("utf-8")
+        if header[345] != 0 and header[257:262] == b"ustar":
+            name = bytes(header[345:500]).split(b"\0", 1)[0].decode("utf-8") + "/" + name
+    except UnicodeDecodeError:
+        raise ShardDamaged(f"undecodable member name in the tar header at byte {pos}") from None
+    return name
+
+
+def _padded(size: int) -> int:
+    return (size + BLOCK - 1) // BLOCK * BLOCK
+
+
 def iter_members(buf: bytes) -> Iterator[Tuple[str, int, int]]:
     """``(name, data_offset, size)`` of each regular file in tar bytes ``buf``.
 
@@ -137,37 +186,22 @@ def iter_members(buf: bytes) -> Iterator[Tuple[str, int, int]]:
     long_name: Optional[str] = None
     while pos + BLOCK <= end:
         header = view[pos:pos + BLOCK]
-        if header[257:262] != b"ustar" and not _checksum_ok(bytes(header)):
-            if bytes(header).count(0) == BLOCK:  # end-of-archive marker
-                return
-            raise ShardDamaged(f"bad tar header at byte {pos}")
-        try:
-            size = _octal(bytes(header[124:136]))
-        except ValueError:
-            raise ShardDamaged(f"bad size field in the tar header at byte {pos}") from None
-        kind = header[156]
+        fields = _member_header(header, pos)
+        if fields is None:
+            return
+        kind, size = fields
         data_at = pos + BLOCK
         if data_at + size > end:
             raise ShardDamaged(f"member at byte {pos} needs {size} bytes, shard ends at {end}")
-        pos = data_at + (size + BLOCK - 1) // BLOCK * BLOCK
-        if kind == 76:  # 'L': GNU long name for the next member
-            long_name = bytes(view[data_at:data_at + size]).rstrip(b"\0").decode("utf-8")
+        pos = data_at + _padded(size)
+        if kind in _META:
+            long_name = _meta_name(kind, view[data_at:data_at + size], long_name, data_at - BLOCK)
             continue
-        if kind in (120, 103):  # 'x', 'g': pax header; only ``path`` matters here
-            for line in bytes(view[data_at:data_at + size]).decode("utf-8", "replace").splitlines():
-                _, _, kv = line.partition(" ")
-                if kv.startswith("path="):
-                    long_name = kv[5:]
-            continue
-        if kind not in (48, 0, 55):  # not '0', NUL, '7': directories, links, devices
+        if kind not in _REGULAR:
             long_name = None
             continue
-        if long_name is not None:
-            name, long_name = long_name, None
-        else:
-            name = bytes(header[:100]).split(b"\0", 1)[0].decode("utf-8")
-            if header[345] != 0 and header[257:262] == b"ustar":
-                name = bytes(header[345:500]).split(b"\0", 1)[0].decode("utf-8") + "/" + name
+        name = _header_name(header, data_at - BLOCK) if long_name is None else long_name
+        long_name = None
         yield name, data_at, size
 
 
@@ -198,6 +232,92 @@ def iter_records(buf: bytes) -> Iterator[Record]:
         yield current
 
 
+class _Chunks:
+    """A window on a byte stream read in chunks: ``buf[pos:]`` is not parsed yet and ``buf[0]`` is
+    byte ``base`` of the stream."""
+
+    def __init__(self, fileobj, chunk: int):
+        self.fileobj, self.chunk = fileobj, chunk
+        self.buf, self.pos, self.base, self.eof = bytearray(), 0, 0, False
+
+    def need(self, n: int, keep_from: int) -> bool:
+        """True once ``buf[pos:pos + n]`` is there, False if the stream ends first. Bytes before
+        stream offset ``keep_from`` may be dropped meanwhile."""
+        while len(self.buf) - self.pos < n:
+            if self.eof:
+                return False
+            drop = keep_from - self.base
+            if drop >= self.chunk:  # amortised: a memmove of what is left, once per chunk or so
+                del self.buf[:drop]
+                self.pos -= drop
+                self.base += drop
+            # At most 64 MiB a read: a damaged size field may ask for exabytes.
+            data = self.fileobj.read(min(max(self.chunk, n - (len(self.buf) - self.pos)), 1 << 26))
+            if data:
+                self.buf += data
+            else:
+                self.eof = True
+        return True
+
+
+def stream_samples(fileobj, chunk: int = 1 << 20) -> Iterator[Tuple[bytearray, Tuple[int, int, int, int]]]:
+    """The samples of a tar *stream* (anything with ``read(n)``), parsed as the bytes arrive.
+
+    Yields ``(sample bytes, row)``: the sample's own stretch of the archive (its members' headers
+    and data, so :func:`key_at` works on it) and its index row ``(image offset, image size, label,
+    is JPEG)`` into those bytes -- what :func:`index_shard` gives for that sample of the whole shard,
+    with offsets counted from the sample's start. The rules of :func:`iter_members` and
+    :func:`iter_records` hold: a damaged header or a member cut short raises :class:`ShardDamaged`
+    after every intact sample (and the intact members of the last one) was yielded, so a truncated
+    stream ends at its last intact sample. Memory: about one chunk plus one sample.
+    """
+    src = _Chunks(fileobj, chunk)
+    start = end = 0     # stream offsets: the current sample's first byte, the end of its last member
+    current: Optional[Record] = None
+    long_name: Optional[str] = None
+
+    def finish() -> Tuple[bytearray, Tuple[int, int, int, int]]:
+        sample = src.buf[start - src.base:end - src.base]  # bytearray slice: a copy
+        return sample, _record_row(sample, current)
+
+    try:
+        while src.need(BLOCK, start):
+            header_at = src.base + src.pos
+            header = src.buf[src.pos:src.pos + BLOCK]
+            fields = _member_header(header, header_at)
+            if fields is None:
+                break
+            kind, size = fields
+            if not src.need(BLOCK + size, start):
+                raise ShardDamaged(f"member at byte {header_at} needs {size} bytes, "
+                                   f"shard ends at {src.base + len(src.buf)}")
+            data_at = header_at + BLOCK
+            src.pos += BLOCK + _padded(size)
+            if kind in _META:
+                at = data_at - src.base
+                long_name = _meta_name(kind, src.buf[at:at + size], long_name, header_at)
+                continue
+            if kind not in _REGULAR:
+                long_name = None
+                continue
+            name = _header_name(header, header_at) if long_name is None else long_name
+            long_name = None
+            key, ext = split_key(name)
+            if current is not None and key != current.key:
+                yield finish()
+                current = None
+            if current is None:  # a sample's bytes begin where the previous one's end
+                current, start = Record(key), end
+            current.members[ext] = (data_at - start, size)
+            end = min(data_at + _padded(size), src.base + len(src.buf))
+    except ShardDamaged:
+        if current is not None:  # intact members before the damage (a sample missing one is flagged later)
+            yield finish()
+        raise
+    if current is not None:
+        yield finish()
+
+
 def read_shard(path: str | Path) -> bytearray:
     """The whole shard in a writable buffer (``torch.frombuffer`` views it without copying)."""
     with open(path, "rb") as f:
@@ -223,6 +343,19 @@ def record_label(buf: bytes, rec: Record) -> int:
     raise ValueError(f"record {rec.key} has no label member (has {sorted(rec.members)})")
 
 
+def _record_row(buf: bytes, rec: Record) -> Tuple[int, int, int, int]:
+    """The index row ``(image offset, image size, label, is JPEG)`` of a record of ``buf``."""
+    image = record_image(rec)
+    try:
+        label = record_label(buf, rec)
+    except ValueError:
+        label = BAD_LABEL
+    if image is None:
+        return 0, 0, label, 0
+    ext, offset, size = image
+    return offset, size, label, int(ext in ("img.jpg", "jpg", "jpeg"))
+
+
 def index_shard(buf: bytes) -> Tuple[np.ndarray, Optional[str]]:
     """Parse the tar headers: (index rows of the intact samples, damage message or None).
 
@@ -232,16 +365,7 @@ def index_shard(buf: bytes) -> Tuple[np.ndarray, Optional[str]]:
     rows, damage = [], None
     try:
         for rec in iter_records(buf):
-            image = record_image(rec)
-            try:
-                label = record_label(buf, rec)
-            except ValueError:
-                label = BAD_LABEL
-            if image is None:
-                rows.append((0, 0, label, 0))
-            else:
-                ext, offset, size = image
-                rows.append((offset, size, label, int(ext in ("img.jpg", "jpg", "jpeg"))))
+            rows.append(_record_row(buf, rec))
     except ShardDamaged as exc:
         damage = str(exc)
     return np.asarray(rows, dtype=np.int64).reshape(-1, 4), damage

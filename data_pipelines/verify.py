@@ -118,6 +118,9 @@ def check_training_data(cfg) -> None:
     """The trainer's check (``data.verify``) of ``cfg`` (a DataConfig); raises DataVerifyError."""
     if cfg.verify == "off" or cfg.backend not in ("webdataset", "ffcv") or not cfg.path:
         return
+    from .remote import is_remote
+    if is_remote(cfg.path):
+        return  # URLs and pipe: commands stream; the loader says on rank 0 that they are not verified
     p = Path(cfg.path).expanduser()
     folder = p if p.is_dir() else p.parent
     if not (folder / MANIFEST_NAME).is_file():

@@ -29,6 +29,13 @@ not replayed.
 Corrupt data. An image that fails to decode or a record without image/label is skipped, counted
 and warned about (first few per worker, then every 1000th); a truncated or damaged shard ends at
 its last intact record. ``stream.skipped`` is the rank's running total, including all workers.
+
+Remote shards (``data.path`` a URL pattern or ``pipe:`` command, :mod:`.remote`). Everything above
+holds unchanged: the per-shard counts come from the manifest.json beside the shards or from
+counting them once at start-up, and a slot streams each of its units through ``webdataset.gopen``,
+parsing the tar as it arrives (:func:`.tario.stream_samples`) instead of reading the shard and its
+index; the records then carry their own bytes. Skipping records on resume still skips decoding,
+but the records before the resume point in the current epoch are streamed again.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from torchvision.transforms.v2 import functional as TF
 from .config import DataConfig
 from .manifest import ShardSet, resolve_shards
 from .stream import register_backend
-from .tario import BAD_LABEL, COL_LABEL, COL_OFFSET, key_at, load_index, read_shard
+from .tario import BAD_LABEL, COL_LABEL, COL_OFFSET, ShardDamaged, key_at, load_index, read_shard
 
 log = logging.getLogger("data_pipelines.wds")
 _JPEG_EXTS = ("img.jpg", "jpg", "jpeg")
@@ -143,6 +150,28 @@ def fit_square(img: torch.Tensor, resolution: int, crop_ratio: float = 1.0,
     return img
 
 
+def probe_short_side(shard: str, samples: int = 8, remote: bool = False) -> Optional[int]:
+    """The largest short side among the first ``samples`` images of a shard (None if unreadable)."""
+    from .imaging import jpeg_size
+    if remote:
+        from .remote import first_images
+        images = first_images(shard, samples)
+    else:
+        try:
+            buf = read_shard(shard)
+            index, _ = load_index(shard, buf)
+        except (OSError, ValueError):
+            return None
+        images = [bytes(buf[offset:offset + size]) for offset, size, _label, _jpeg in index[:samples].tolist()]
+    sides = []
+    for image in images:
+        try:
+            sides.append(min(jpeg_size(image)))
+        except Exception:  # noqa: BLE001 - a probe: an unreadable image just does not count
+            continue
+    return max(sides) if sides else None
+
+
 class DataUnreadable(ValueError):
     """A reader found no readable sample at all (every shard it was given is damaged)."""
 
@@ -171,6 +200,7 @@ class ShardStream(IterableDataset):
     def __init__(self, shards: ShardSet, cfg: DataConfig, batch_size: int, rank: int, world_size: int,
                  seed: int, start_batch: int = 0, epoch: Optional[int] = None):
         self.paths, self.batch_size, self.rank, self.seed = shards.paths, batch_size, rank, seed
+        self.remote = shards.remote  # URLs / pipe: commands: streamed, parsed as they arrive
         self.workers = max(1, cfg.num_workers)
         self.plan = SlotPlan(shards.counts, world_size * self.workers, seed)
         self.resolution, self.flip = cfg.resolution, cfg.random_flip
@@ -183,7 +213,52 @@ class ShardStream(IterableDataset):
         self._readable = 0
 
     # -- records ------------------------------------------------------------------------------
-    # A record is a tuple (shard buffer, image offset, image size, label, is_jpeg).
+    # A record is a tuple (buffer, image offset, image size, label, is_jpeg, shard index): the buffer
+    # is the whole shard for a local file, the sample's own bytes (headers + data) for a streamed one.
+
+    def _unit_records(self, shard: int, part: int, warn: _Warner):
+        """The records of one part of one shard, in shard order."""
+        if self.remote:
+            return self._streamed_records(shard, part, warn)
+        buf, rows = self._unit_rows(shard, part, warn)
+        return [(buf, offset, size, label, is_jpeg, shard) for offset, size, label, is_jpeg in rows]
+
+    def _streamed_records(self, shard: int, part: int, warn: _Warner) -> Iterator[tuple]:
+        """A remote shard's records of this part as its tar stream arrives: sample ``i`` of the
+        shard belongs to part ``i % parts`` as in :meth:`_unit_rows`, so a shard read by several
+        slots is streamed by each, each keeping its own samples. Damage, a failed transfer and
+        labels out of range are reported as for local shards, once the stream has ended."""
+        from .remote import transfer_error, url_samples
+        url, parts, num_classes = self.paths[shard], self.plan.parts, self.num_classes
+        expected = len(range(part, self.plan.counts[shard], parts))
+        got, damage, failed, bad = 0, None, None, []
+        samples = url_samples(url)
+        try:
+            for i, (sample, (offset, size, label, is_jpeg)) in enumerate(samples):
+                if i % parts != part:
+                    continue
+                got += 1
+                if num_classes > 0 and label != BAD_LABEL and not 0 <= label < num_classes:
+                    bad.append((key_at(sample, offset) if size > 0 else "?", label))
+                    continue
+                self._readable += 1
+                yield sample, offset, size, label, is_jpeg, shard
+        except ShardDamaged as exc:
+            damage = str(exc)
+        except (OSError, ValueError) as exc:  # the reader (curl, the pipe: command) failed
+            failed = transfer_error(exc)
+        finally:
+            samples.close()
+        if failed is not None and got == 0:
+            warn.shard(f"cannot read shard {url}: {failed}; its {expected} samples for this reader are skipped",
+                       max(1, expected))
+        elif damage is not None or failed is not None or got < expected:
+            why = damage or (failed and f"transfer failed: {failed}") or "fewer samples than the manifest"
+            warn.shard(f"shard {url} is damaged ({why}); {got} of its {expected} samples for this reader are "
+                       f"readable", max(1, expected - got))
+        if bad:
+            warn.shard(f"shard {url}: {len(bad)} samples with labels outside [0, {num_classes}) skipped, e.g. "
+                       f"{', '.join(k for k, _ in bad[:3])} (label {bad[0][1]})", len(bad))
 
     def _unit_rows(self, shard: int, part: int, warn: _Warner) -> Tuple[Optional[bytearray], list]:
         """(shard bytes, index rows of this part) -- rows are (offset, size, label, is_jpeg)."""
@@ -213,7 +288,7 @@ class ShardStream(IterableDataset):
         return buf, part_index.tolist()
 
     def _slot_stream(self, slot: int, skip: int, warn: _Warner) -> Iterator[tuple]:
-        """Records ``(shard bytes, offset, size, label, is_jpeg)`` of this slot forever (or for
+        """Records ``(bytes, offset, size, label, is_jpeg, shard)`` of this slot forever (or for
         ``single_epoch``), after dropping the first ``skip`` without decoding them.
 
         One generator holds the epoch loop and the shuffle buffer (a reservoir of ``shuffle_buffer``
@@ -229,9 +304,7 @@ class ShardStream(IterableDataset):
             rng = random.Random(_mix(self.seed, epoch, slot, 0x5F1))
             rand, pool, n = rng.random, [], 0
             for shard, part in self.plan.slot_units(epoch, slot):
-                buf, rows = self._unit_rows(shard, part, warn)
-                for offset, nbytes, label, is_jpeg in rows:
-                    record = (buf, offset, nbytes, label, is_jpeg)
+                for record in self._unit_records(shard, part, warn):
                     if len(pool) < size:
                         pool.append(record)
                         continue
@@ -295,7 +368,7 @@ class ShardStream(IterableDataset):
         check_shape, bad_label = self.stored_resolution != self.resolution, BAD_LABEL
         while True:
             images, labels, keys = [], [], []
-            for buf, offset, size, label, is_jpeg in records:
+            for buf, offset, size, label, is_jpeg, shard in records:
                 position += 1
                 try:
                     if size <= 0 or label == bad_label:
@@ -307,7 +380,7 @@ class ShardStream(IterableDataset):
                                                                       uniform(aug_key, 3 * position + 1)))
                 except (RuntimeError, ValueError) as exc:
                     where = key_at(buf, offset) if size > 0 else "?"
-                    warn(f"skipping sample {where}: {str(exc).splitlines()[0][:200]}")
+                    warn(f"skipping sample {where} of {self.paths[shard]}: {str(exc).splitlines()[0][:200]}")
                     continue
                 images.append(img.flip(-1) if flip and uniform(aug_key, 3 * position + 2) < 0.5 else img)
                 labels.append(label)
@@ -356,10 +429,18 @@ class WebDatasetStream:
     def __init__(self, cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int,
                  start_batch: int = 0):
         self.cfg, self.batch_size, self.rank, self.world_size, self.seed = cfg, batch_size, rank, world_size, seed
-        self.shards = resolve_shards(cfg.path)
+        self.shards = resolve_shards(cfg.path, remote=True, announce=rank == 0)
         self.num_classes = self.shards.num_classes
         self.resolution = cfg.resolution
-        self.stored_resolution = self.shards.resolution
+        if self.shards.remote and cfg.verify != "off" and rank == 0:
+            log.warning("data.verify=%s checks local folders only; the remote shards of %s are not verified "
+                        "(damaged samples are skipped and counted while training; data.verify=off silences this)",
+                        cfg.verify, cfg.path)
+        # Shards written with --resolution N hold N x N images; originals ("keep") are probed: the
+        # largest short side among the first few images of the first shard (the trainer refuses data
+        # that it could only upsample).
+        self.stored_resolution = self.shards.resolution or probe_short_side(self.shards.paths[0],
+                                                                            remote=self.shards.remote)
         if self.shards.resolution is not None and self.shards.resolution != cfg.resolution:
             log.warning("shards hold %dpx images, data.resolution=%d: resizing every image while loading "
                         "(slow; write shards at the training resolution)", self.shards.resolution, cfg.resolution)

@@ -466,7 +466,7 @@ def check_data(cfg) -> None:
         return
     from data_pipelines.manifest import resolve_shards
     try:
-        resolve_shards(cfg.data.path)
+        resolve_shards(cfg.data.path, remote=True)
     except (FileNotFoundError, ValueError) as exc:
         raise ValueError(f"{cfg.exp}: data.path={cfg.data.path!r} has no readable shards ({exc}); prepare them "
                          "(see the experiment YAML) or pass --data-path") from exc

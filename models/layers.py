@@ -193,6 +193,15 @@ class ConditionalBatchNorm2d(nn.Module):
         return f"{self.num_features}, num_classes={self.num_classes}"
 
 
+def _autocast_off(device_type: str):
+    """Autocast disabled where there is one to disable (``meta`` has none: structure-only builds
+    and FLOP counting run the head on meta tensors)."""
+    import contextlib
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class ProjectionHead(nn.Module):
     """D output from the features phi(x): psi(phi) + <V[y], phi> (Miyato & Koyama 2018, Sec. 3).
 
@@ -213,7 +222,7 @@ class ProjectionHead(nn.Module):
         # The head costs nothing next to the convs: run it in the parameters' own dtype with
         # autocast off, so the logits are fp32 under bf16 autocast, conditional or not.
         dtype = next(self.linear.parameters()).dtype
-        with torch.autocast(device_type=h.device.type, enabled=False):
+        with _autocast_off(h.device.type):
             h = h.to(dtype)
             out = self.linear(h).squeeze(1)
             if self.embed is not None:

@@ -43,12 +43,34 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any rank."""
+_CONTROL_GROUP = None
+
+
+def _control_group():
+    """A gloo group for small CPU-side agreements (created on first use, collectively): flags reduced
+    there never wait for the GPU, whereas an all_reduce on the NCCL group plus ``.item()`` would be
+    a host sync in every step."""
+    global _CONTROL_GROUP
+    if _CONTROL_GROUP is None:
+        _CONTROL_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _CONTROL_GROUP
+
+
+def shutdown() -> None:
+    """Destroy the process group (and the control group with it)."""
+    global _CONTROL_GROUP
+    if initialized():
+        dist.destroy_process_group()
+    _CONTROL_GROUP = None
+
+
+def any_rank(flag: bool, device: torch.device = None) -> bool:
+    """True on every rank if ``flag`` is true on any rank (a CPU all_reduce: no GPU sync)."""
     if not (initialized() and world_size() > 1):
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce_(t, "max").item() > 0)
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group())
+    return bool(t.item() > 0)
 
 
 def broadcast_object(obj):

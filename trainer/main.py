@@ -249,8 +249,7 @@ def train(cfg, out=None, before_run=None, allow_config_change: bool = False):
         stop.restore()
         if lock is not None:
             lock.release()
-        if dist.initialized():
-            torch.distributed.destroy_process_group()
+        dist.shutdown()
     return loop
 
 
