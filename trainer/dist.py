@@ -57,10 +57,15 @@ def _control_group():
 
 
 def shutdown() -> None:
-    """Destroy the process group (and the control group with it)."""
+    """Destroy the process group (and the control group with it), all ranks together: a rank that
+    tears gloo down while a peer still finishes its last collective can abort the peer's process
+    ("terminate called without an active exception")."""
     global _CONTROL_GROUP
     if initialized():
-        dist.destroy_process_group()
+        try:
+            barrier()
+        finally:
+            dist.destroy_process_group()
     _CONTROL_GROUP = None
 
 

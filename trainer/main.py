@@ -39,13 +39,39 @@ STOP_SIGNALS = ("SIGTERM", "SIGUSR2", "SIGINT")
 STATUS_DIR_ENV = "SNGAN_STATUS_DIR"   # set by launch/local.py: where each rank reports its pid and exit status
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown for the options; the epilog's key listing kept as written."""
+
+
+def _key_listing() -> str:
+    """Every dotted config key with its default, one section per line group."""
+    import dataclasses
+
+    from trainer.config import Config
+    lines = []
+    for section in dataclasses.fields(Config):
+        value = getattr(Config(), section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        items = [f"{section.name}.{f.name}={getattr(value, f.name)!r}" for f in dataclasses.fields(value)]
+        line = "  "
+        for item in items:
+            if len(line) + len(item) > 100:
+                lines.append(line.rstrip())
+                line = "  "
+            line += item + "  "
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="trainer/main.py",
         description="Train an SN-GAN (Miyato et al. 2018) or a projection cGAN. Dotted key=value "
                     "overrides go after the options, e.g. train.batch_size=32 model.ch=64.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog=f"experiments: {', '.join(available_experiments())}")
+        formatter_class=_HelpFormatter,
+        epilog=f"experiments: {', '.join(available_experiments())}\n\nconfig keys and their defaults "
+               f"(README 'Training' and trainer/config.py say what each does):\n{_key_listing()}")
     p.add_argument("--exp", default="default", help="experiment name (launch/experiments/NAME.yaml) or a YAML path")
     p.add_argument("--out", default=None, help="run folder (default: runs/<exp>-<timestamp>); "
                                                "an existing run folder is resumed with train.resume=auto")
