@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -52,10 +51,12 @@ from typing import Dict, List, Optional, Sequence
 if __package__ in (None, ""):  # run as a script path: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from eval.compare_score import (  # noqa: E402,F401  (Scorer, verdict: part of this module's interface)
+    Scorer, checkpoint_step, copy_grids, make_scorer, score_rows, table, verdict)
 
 
 class Interrupted(RuntimeError):
@@ -117,7 +118,6 @@ def base_widths(cfg) -> tuple:
     """(G width, D width) of an experiment: its g_ch/d_ch/ch, else the architecture's default."""
     import inspect
 
-    import models
     from models.registry import _DISCRIMINATORS, _GENERATORS
 
     def default(table, name):
@@ -180,10 +180,6 @@ def train_row(exp: str, run_dir: str, overrides: Sequence[str], launcher: Option
     return train_main(["--exp", exp, "--out", run_dir, *overrides])
 
 
-def checkpoint_step(ckpt: str) -> int:
-    return int(os.path.basename(ckpt).split("-")[-1])
-
-
 # Keys a rerun may change without making a run folder another experiment: the trainer's own list
 # (budget, cadence, workers, data location). A smaller budget counts a longer run as finished.
 from trainer.runfolder import RERUN_KEYS  # noqa: E402
@@ -216,168 +212,6 @@ def finished_checkpoint(run_dir: str, steps: int) -> Optional[str]:
     from eval.ckpt import complete_checkpoints
     found = [c for c in complete_checkpoints(run_dir) if checkpoint_step(c) >= steps]
     return found[-1] if found else None
-
-
-class Scorer:
-    """Features of N generated or real images; FID / IS / KID / variance ratio against the reference.
-
-    KID (Binkowski et al. 2018; unbiased, so usable at small N) needs the reference's features:
-    a stats file written with ``eval.reference --keep-features``.
-    """
-
-    def __init__(self, ext, n: int, batch_size: int = 100, seed: int = 0):
-        self.ext, self.n, self.batch_size, self.seed = ext, n, batch_size, seed
-        self.ref = None            # (mu, sigma)
-        self.ref_features = None   # float32 [N_ref, d] or None
-
-    def _collect(self, batches, keep_logits: bool):
-        from eval.collect import Collector
-        from eval.dist import device
-        col = Collector(self.ext, device(), keep_logits=keep_logits and self.ext.num_logits > 0,
-                        keep_features=self.ref_features is not None)
-        for images, index in batches:
-            col.add(images, None, index)
-        res = col.finish()
-        return (*res.stats.mean_cov(), res.logits, res.features)
-
-    def real_stats(self, source, start: int, keep_logits: bool = False):
-        """``(mu, sigma, logits or None, features or None)`` of the real images ``[start, start + n)``."""
-        return self._collect(((images, index) for images, _, index in
-                              source.batches(start, start + self.n, self.batch_size)), keep_logits)
-
-    def set_reference(self, source, cache: Optional[str] = None) -> None:
-        from eval.statsfile import StatsError, load_stats, save_stats
-        if cache and os.path.isfile(cache):
-            try:
-                ref = load_stats(cache)
-                if ref.extractor == self.ext.family and ref.n == self.n:
-                    self.ref = (ref.mu, ref.sigma)
-                    return
-            except StatsError:
-                pass
-        self.ref = self.real_stats(source, 0)[:2]
-        if cache:
-            save_stats(cache, *self.ref, self.n, extractor=self.ext.family, resolution=source.resolution,
-                       info={"note": "eval.compare reference: the first N images"})
-
-    def load_reference(self, path: str) -> None:
-        from eval.statsfile import load_stats
-        ref = load_stats(path)
-        ref.check_compatible(self.ext.family, self.ext.dim)
-        self.ref = (ref.mu, ref.sigma)
-        self.ref_features = ref.features() if ref.has_features else None
-        self.ref_n = ref.n
-
-    def score(self, mu, sigma, logits: Optional[torch.Tensor] = None, features=None) -> dict:
-        from eval.stats import frechet_distance, inception_score, kernel_inception_distance
-        out = {"fid": frechet_distance(mu, sigma, *self.ref),
-               "variance_ratio": float(np.trace(sigma) / np.trace(self.ref[1]))}
-        if logits is not None:
-            out["is"], out["is_std"] = inception_score(logits, 10)
-        if features is not None and self.ref_features is not None:
-            size = min(1000, len(features), len(self.ref_features))
-            out["kid"], out["kid_std"] = kernel_inception_distance(features, self.ref_features, 100, size)
-        return out
-
-    def generated(self, gen_path: str) -> dict:
-        from eval.dist import device
-        from eval.generate import Plan, SampleHealth, balanced_counts, generate, rank_batches
-        from models.export import load_generator
-        G, _ = load_generator(gen_path, device=device())
-        k = int(getattr(G, "num_classes", 0) or 0)
-        plan = Plan(balanced_counts(self.n, k), k > 0, self.seed)
-        health = SampleHealth()
-        batches = ((generate(G, plan, idx, cls, within, device(), health), idx)
-                   for idx, cls, within in rank_batches(plan, 0, plan.total, self.batch_size))
-        out = self.score(*self._collect(batches, keep_logits=True))
-        out["constant_images"] = health.reduce().constant
-        return out
-
-
-def verdict(r: dict, threshold: float, min_ratio: float) -> str:
-    if r.get("exit") != 0:
-        if r.get("exit") == 1:
-            return "does not work (diverged: non-finite loss)"
-        return f"failed ({r['error']})" if "error" in r else f"failed (trainer exit {r.get('exit')})"
-    fid = r.get("fid", math.inf)
-    if not math.isfinite(fid):
-        return "does not work (non-finite FID)"
-    if r["variance_ratio"] < min_ratio:
-        return f"does not work (collapsed: variance ratio {r['variance_ratio']:.2f})"
-    if fid >= threshold:
-        return f"does not work (FID >= {threshold:g})"
-    return "works"
-
-
-def table(rows: Sequence[dict], args, floor: Optional[dict]) -> str:
-    has_is = any("is" in r for r in rows) or bool(floor and "is" in floor)
-    has_kid = any("kid" in r for r in rows) or bool(floor and "kid" in floor)
-    has_score_s = any(r.get("score_seconds") for r in rows)
-    head = ["row", "experiment", "loss", "D constraint", "n_dis", "G steps", "train s"]
-    head += ["score s"] if has_score_s else []
-    head += [f"FID ({args.extractor})"]
-    head += ["KID x 1000"] if has_kid else []
-    head += [f"IS ({args.extractor})"] if has_is else []
-    head += ["var. ratio", "works?"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-
-    def fmt(x, spec):
-        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-    def kid(r):
-        if r.get("kid") is None:
-            return "n/a"
-        return f"{1000 * r['kid']:.2f} ± {1000 * r.get('kid_std', 0):.2f}"
-
-    if floor is not None:
-        cells = [floor.get("name", "real data (held-out N)"), "-", "-", "-", "-", "-", "-"]
-        cells += ["-"] if has_score_s else []
-        cells += [fmt(floor["fid"], ".2f")]
-        cells += [kid(floor)] if has_kid else []
-        cells += [fmt(floor.get("is"), ".2f")] if has_is else []
-        cells += [fmt(floor["variance_ratio"], ".2f"), "(reference)"]
-        lines.append("| " + " | ".join(cells) + " |")
-    for r in rows:
-        cells = [r["name"], f"`{r['exp']}`", r["loss"], r["constraint"], str(r["n_dis"]), str(r["steps"]),
-                 fmt(r.get("train_seconds"), ".0f")]
-        cells += [fmt(r.get("score_seconds"), ".0f")] if has_score_s else []
-        cells += [fmt(r.get("fid"), ".2f")]
-        cells += [kid(r)] if has_kid else []
-        cells += [fmt(r.get("is"), ".2f")] if has_is else []
-        cells += [fmt(r.get("variance_ratio"), ".2f"), r["verdict"]]
-        lines.append("| " + " | ".join(cells) + " |")
-    mode = "quick (CPU)" if args.quick else "full"
-    lines.append("")
-    lines.append(f"Mode {mode}; {args.num_samples} samples per row; extractor `{args.extractor}`. Works = training "
-                 f"finished with finite losses, FID < {args.fid_threshold:g} and feature variance ratio "
-                 f"tr(Sigma_g)/tr(Sigma_r) >= {args.min_variance_ratio:g} (no collapse).")
-    sizing = []
-    if getattr(args, "width_scale", 0):
-        sizing.append(f"every row's G and D widths x {args.width_scale:g}")
-    if getattr(args, "batch_scale", 0):
-        sizing.append(f"every row's D and G batch x {args.batch_scale:g}")
-    if sizing:
-        lines.append("Sized for the CPU: " + ", ".join(sizing) + ".")
-    if args.overrides:
-        lines.append("Every row trained with " + ", ".join(f"`{o}`" for o in args.overrides) + ".")
-    if args.quick:
-        lines.append(f"FID at N={args.num_samples} is biased upward (see the real-data row) and comparable only "
-                     "within this table.")
-    return "\n".join(lines)
-
-
-def copy_grids(results: List[dict], out: str) -> None:
-    """Each row's last sample grid (written by the trainer at its final step) into OUT/grids/<exp>.png."""
-    import shutil
-    folder = os.path.join(out, "grids")
-    os.makedirs(folder, exist_ok=True)
-    for r in results:
-        if r.get("ckpt") is None:
-            continue
-        grid = os.path.join(r["run_dir"], "samples", f"step-{checkpoint_step(r['ckpt']):09d}.png")
-        if os.path.isfile(grid):
-            shutil.copyfile(grid, os.path.join(folder, f"{r['exp']}.png"))
-            r["grid"] = os.path.join("grids", f"{r['exp']}.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -574,70 +408,6 @@ def _train_parallel(todo: List[dict], args) -> None:
             signal.signal(sig, handler)
     for r in pending:  # never started because of a stop signal
         r["exit"] = 75
-
-
-def make_scorer(args, rows: Sequence[Row]):
-    """The scorer with its reference statistics, and the real-data row (or None)."""
-    from eval import dist
-    from eval.data import open_source
-    from eval.extractors import build_extractor
-    from trainer.config import load_config
-    dist.init()
-    ext = build_extractor(args.extractor, dist.device(), need_logits=False)
-    scorer = Scorer(ext, args.num_samples, seed=args.seed)
-    if args.ref:
-        scorer.load_reference(args.ref)
-        floor = None
-        if args.floor_data and not args.no_floor:
-            source = open_source(args.floor_data)
-            if len(source) < args.num_samples:
-                raise ValueError(f"--floor-data {args.floor_data} has {len(source)} images, fewer than "
-                                 f"--num-samples {args.num_samples}")
-            t0 = time.time()
-            floor = scorer.score(*scorer.real_stats(source, 0, keep_logits=True))
-            floor["name"] = f"real data ({args.num_samples} of {args.floor_data.rstrip('/').split('/')[-1]})"
-            floor["score_seconds"] = time.time() - t0
-            print(f"[compare] real-data floor: FID {floor['fid']:.2f} ({floor['score_seconds']:.0f}s)", flush=True)
-        return scorer, floor
-    data = "synthetic:32" if args.quick else (args.data_path or load_config(rows[0].exp).data.path)
-    source = open_source(data)
-    if len(source) < args.num_samples:
-        raise ValueError(f"{data} has {len(source)} images, fewer than --num-samples {args.num_samples}")
-    safe = ext.family.replace("/", "_")
-    scorer.set_reference(source, os.path.join(args.out, f"reference-{safe}-{args.num_samples}.npz"))
-    floor = None
-    if not args.no_floor and len(source) >= 2 * args.num_samples:
-        floor = scorer.score(*scorer.real_stats(source, args.num_samples, keep_logits=True))
-    return scorer, floor
-
-
-def score_rows(results: List[dict], scorer: Scorer, args) -> None:
-    """Score every trained row; a row's score is cached in its run folder (score-<settings>.json), so
-    an interrupted comparison does not score a row twice."""
-    import hashlib
-    from eval import dist
-    settings = {"extractor": scorer.ext.family, "n": scorer.n, "seed": scorer.seed, "ref": args.ref or "",
-                "kid": scorer.ref_features is not None}
-    tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    for r in results:
-        if r["exit"] == 0:
-            cache = os.path.join(r["run_dir"], f"score-{tag}.json")
-            cached = None
-            if os.path.isfile(cache):
-                with open(cache) as fh:
-                    cached = json.load(fh)
-                if cached.get("ckpt") != r["ckpt"]:
-                    cached = None
-            if cached is None:
-                t0 = time.time()
-                cached = scorer.generated(os.path.join(r["ckpt"], "generator.safetensors"))
-                cached.update(ckpt=r["ckpt"], score_seconds=time.time() - t0, settings=settings)
-                if dist.is_main():
-                    with open(cache, "w") as fh:
-                        json.dump(cached, fh)
-            r.update({k: v for k, v in cached.items() if k not in ("ckpt", "settings")})
-            print(f"[compare] {r['name']}: FID {r['fid']:.2f} ({r['score_seconds']:.0f}s)", flush=True)
-        r["verdict"] = verdict(r, args.fid_threshold, args.min_variance_ratio)
 
 
 def run(args) -> List[dict]:
