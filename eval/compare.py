@@ -7,6 +7,8 @@ Suites (``--suite``):
   loss (ResNet), each with its published hyperparameters (``launch/experiments/cifar10_*.yaml``).
 - ``normalization``: the SN-GAN paper's normalization comparison on the standard CNN (Sec. 4):
   SN, weight normalization, orthonormal regularization, weight clipping, gradient penalty.
+- ``cifar10``: the real-data study (docs/real-data.md): DCGAN, WGAN (clipping), WGAN-GP CNN, SN-GAN
+  hinge CNN, SN-GAN hinge ResNet, SN-GAN Wasserstein ResNet, WN CNN, orthonormal CNN.
 
 Every row is trained for the same number of G iterations (``--steps``; each row keeps its own
 n_dis, as in the papers), then scored: ``--num-samples`` generated images against reference
@@ -23,7 +25,10 @@ Full size (GPUs): the experiments' own data (``--data-path``, CIFAR-10 WebDatase
 widths and batch sizes, 50000 samples, Inception features (``--ref``: a stats file from
 ``python -m eval.reference``; without it the statistics of the data are computed and cached).
 Rows train one after another, each with ``--launcher`` (e.g. ``"accelerate launch --multi_gpu
---num_processes 8"``) or in this process.
+--num_processes 8"``) or in this process. ``--width-scale`` / ``--batch-scale`` shrink every row's
+own widths and batches by the same factor (a CPU-sized table on the real data, with Inception, KID
+against reference features and a real-data floor from ``--floor-data``: docs/real-data.md).
+Scores are cached per row in ``OUT/<experiment>/score-<settings>.json``.
 
 ``--quick`` sizes it for a CPU: the embedded shapes10 data at 32 px, unconditional, narrow
 models (width 16), batch 32, ``--steps`` 1000 G iterations, rows trained side by side (``--jobs``:

@@ -333,25 +333,29 @@ def cmd_train(args) -> int:
     # The evaluator gets its own, smaller allocation: one node, the eval command's default time.
     eval_args = argparse.Namespace(**{**vars(args), "nodes": 1, "time": parse_time_minutes(EVAL_TIME)},
                                    array=False, eval_args=[])
+    config = yaml.safe_load(config_yaml) or {}
+    watch = None
+    if int((config.get("train") or {}).get("eval_every") or 0) > 0:
+        # train.eval_every: the trainer's evaluator runs as a job of its own, beside training.
+        from trainer.config import load_config
+        from trainer.evaluation import evaluator_args
+        params["setup"] = [*params["setup"], "export SNGAN_EVAL_EXTERNAL=1"]
+        watch_params = sbatch_parameters(argparse.Namespace(**{**vars(args), "nodes": 1}),
+                                         f"{args.job_name or 'sngan-' + exp_name}-evalwatch", max(args.gpus_per_node, 1))
+        watch = ("in-training evaluation (eval.batch --watch, beside training)", watch_params,
+                 [EvalTask("eval.batch", evaluator_args(load_config(args.exp, args.overrides), run_dir),
+                           args.gpus_per_node)])
     if args.dry_run:
         print_dry_run(what, run_dir, params, [task])
         print("# resolved config:\n" + config_yaml, end="")
+        if watch is not None:
+            print_dry_run(watch[0], run_dir, watch[1], watch[2])
         if args.eval:
             print_dry_run(*eval_plan(run_dir, eval_args, after="TRAIN_JOB_ID"))
         return 0
-    config = yaml.safe_load(config_yaml) or {}
-    in_training_eval = int((config.get("train") or {}).get("eval_every") or 0) > 0
-    if in_training_eval:  # the trainer's evaluator runs as a job of its own, beside training
-        params["setup"] = [*params["setup"], "export SNGAN_EVAL_EXTERNAL=1"]
     entries = submit(run_dir, "train", what, params, [task], args.max_requeues)
-    if in_training_eval:
-        from trainer.config import load_config
-        from trainer.evaluation import evaluator_args
-        cfg = load_config(args.exp, args.overrides)
-        eval_params = sbatch_parameters(argparse.Namespace(**{**vars(args), "nodes": 1}),
-                                        f"{args.job_name or 'sngan-' + exp_name}-evalwatch", max(args.gpus_per_node, 1))
-        entries += submit(run_dir, "eval", "in-training evaluation (eval.batch --watch, beside training)",
-                          eval_params, [EvalTask("eval.batch", evaluator_args(cfg, run_dir), args.gpus_per_node)])
+    if watch is not None:
+        entries += submit(run_dir, "eval", watch[0], watch[1], watch[2])
     if args.eval:
         eval_what, _, eval_params, eval_tasks = eval_plan(run_dir, eval_args, after=entries[0]["job_id"])
         entries += submit(run_dir, "eval", eval_what, eval_params, eval_tasks)

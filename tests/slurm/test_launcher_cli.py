@@ -156,3 +156,19 @@ def test_preempted_status_matches_the_trainer():
 
     assert EXIT_PREEMPTED == TRAINER_EXIT_PREEMPTED
     assert os.path.basename(slurm.REPO) and os.path.isfile(os.path.join(slurm.REPO, "trainer", "main.py"))
+
+
+def test_in_training_evaluation_is_its_own_job(tmp_path, capsys):
+    """train.eval_every under SLURM: the trainer is told not to start an evaluator
+    (SNGAN_EVAL_EXTERNAL=1) and eval.batch --watch runs as a job of its own, beside training."""
+    run = tmp_path / "run"
+    rc = slurm.main(["--nodes", "1", "--gpus-per-node", "0", "--cpus-per-task", "1", "--exp", "default", "--out",
+                     str(run), "--dry-run", "train.steps=20", "train.ckpt_every=5", "train.eval_every=2",
+                     "train.eval_extractor=tiny-test", "train.eval_num_samples=50"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "export SNGAN_EVAL_EXTERNAL=1" in out
+    assert "# dry run: nothing submitted (in-training evaluation" in out
+    watch = out.split("in-training evaluation")[1]
+    assert f"python -m eval.batch {run} --watch" in watch and "--every-steps 10 --final-step 20" in watch
+    assert "--extractor tiny-test" in watch and "--num-samples 50" in watch
