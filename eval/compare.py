@@ -194,17 +194,18 @@ def check_run_folder(run_dir: str, cfg) -> None:
     """Refuse a run folder trained with another config (e.g. other overrides or --width): reusing or
     continuing it would put another experiment's numbers in this table."""
     import yaml
-    from trainer.config import flatten, to_dict
+    from trainer.config import to_dict
+    from trainer.runfolder import config_diff
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         return
     try:
         with open(path) as fh:
-            old = flatten(yaml.safe_load(fh) or {})
+            old = yaml.safe_load(fh) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(f"{path} is unreadable ({exc}); remove {run_dir} or use another --out") from exc
-    new = flatten(to_dict(cfg))
-    diff = {k: (old.get(k), v) for k, v in new.items() if k not in RERUN_KEYS and old.get(k) != v}
+    # a key that a later sngan version added (absent from the old config) is not a difference
+    diff = {k: v for k, v in config_diff(old, to_dict(cfg)).items() if k not in RERUN_KEYS}
     if diff:
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
         raise ValueError(f"{run_dir} was trained with another config ({shown}); use another --out "
@@ -437,6 +438,8 @@ def run(args) -> List[dict]:
             torch.set_num_threads(args.score_threads)
         scorer, floor = make_scorer(args, rows)
         score_rows(results, scorer, args)
+        if callable(floor):
+            floor = floor()
         copy_grids(results, args.out)
     finally:
         torch.set_num_threads(threads)  # main() may be called from another program (the tests)

@@ -193,15 +193,11 @@ def make_scorer(args, rows: Sequence):
         scorer.load_reference(args.ref)
         floor = None
         if args.floor_data and not args.no_floor:
-            source = open_source(args.floor_data)
-            if len(source) < args.num_samples:
-                raise ValueError(f"--floor-data {args.floor_data} has {len(source)} images, fewer than "
+            n_floor = len(open_source(args.floor_data))  # a bad --floor-data fails before any scoring
+            if n_floor < args.num_samples:
+                raise ValueError(f"--floor-data {args.floor_data} has {n_floor} images, fewer than "
                                  f"--num-samples {args.num_samples}")
-            t0 = time.time()
-            floor = scorer.score(*scorer.real_stats(source, 0, keep_logits=True))
-            floor["name"] = f"real data ({args.num_samples} of {args.floor_data.rstrip('/').split('/')[-1]})"
-            floor["score_seconds"] = time.time() - t0
-            print(f"[compare] real-data floor: FID {floor['fid']:.2f} ({floor['score_seconds']:.0f}s)", flush=True)
+            floor = lambda: real_floor(scorer, args)  # noqa: E731  (scored after the rows, cached)
         return scorer, floor
     data = "synthetic:32" if args.quick else (args.data_path or load_config(rows[0].exp).data.path)
     source = open_source(data)
@@ -213,6 +209,33 @@ def make_scorer(args, rows: Sequence):
     if not args.no_floor and len(source) >= 2 * args.num_samples:
         floor = scorer.score(*scorer.real_stats(source, args.num_samples, keep_logits=True))
     return scorer, floor
+
+
+def real_floor(scorer: Scorer, args) -> dict:
+    """The real-data row: N images of ``--floor-data`` against the reference statistics, cached in
+    OUT/floor-<settings>.json like a row's score, so an interrupted study never computes it twice."""
+    import hashlib
+    from eval import dist
+    from eval.data import open_source
+    settings = {"extractor": scorer.ext.family, "n": scorer.n, "seed": scorer.seed, "ref": args.ref or "",
+                "data": args.floor_data, "kid": scorer.ref_features is not None}
+    tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    cache = os.path.join(args.out, f"floor-{tag}.json")
+    if os.path.isfile(cache):
+        with open(cache) as fh:
+            floor = json.load(fh)
+    else:
+        source = open_source(args.floor_data)
+        t0 = time.time()
+        floor = scorer.score(*scorer.real_stats(source, 0, keep_logits=True))
+        floor["name"] = f"real data ({args.num_samples} of {args.floor_data.rstrip('/').split('/')[-1]})"
+        floor["score_seconds"] = time.time() - t0
+        floor["settings"] = settings
+        if dist.is_main():
+            with open(cache, "w") as fh:
+                json.dump(floor, fh)
+    print(f"[compare] real-data floor: FID {floor['fid']:.2f} ({floor['score_seconds']:.0f}s)", flush=True)
+    return floor
 
 
 def score_rows(results: List[dict], scorer: Scorer, args) -> None:

@@ -284,6 +284,13 @@ def test_compare_quick_mode_table_has_every_row(tmp_path, capsys):
     assert compare.main([*args, "train.seed=3"]) == 2
     err = capsys.readouterr().err
     assert "was trained with another config (train.seed: 0 -> 3)" in err
+    # A row trained by an older sngan (its config.yaml lacks keys added since) is still reused.
+    old_cfg = tmp_path / "cifar10_dcgan" / "config.yaml"
+    cfg = yaml.safe_load(old_cfg.read_text())
+    del cfg["train"]["tf32"], cfg["optim"]["implementation"]
+    old_cfg.write_text(yaml.safe_dump(cfg))
+    assert compare.main([*args, "--rows", "cifar10_dcgan"]) == 0
+    assert "DCGAN: reusing" in capsys.readouterr().out
     other = [a if a != str(tmp_path) else str(tmp_path / "seed3") for a in args]
     assert compare.main([*other, "--rows", "cifar10_dcgan", "train.seed=3", "train.n_dis=2"]) == 0
     cfg = yaml.safe_load((tmp_path / "seed3" / "cifar10_dcgan" / "config.yaml").read_text())

@@ -174,8 +174,8 @@ def config_of_checkpoint(ckpt: str, meta: Dict[str, Any]) -> Optional[Dict[str, 
 
 
 def config_diff(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
-    """``{dotted key: (old, new)}`` for every key whose value differs (a key missing on one side
-    counts only when the other side has a non-default value; see ``trainer.config.flatten``)."""
+    """``{dotted key: (old, new)}`` for every key whose value differs; a key missing on one side (added
+    or removed by a code change since the run started) is not compared."""
     from .config import flatten
     a, b = flatten(old), flatten(new)
     out = {}
