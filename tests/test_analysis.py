@@ -335,3 +335,20 @@ def test_compare_jobs_trains_rows_in_parallel_processes_and_forwards_sigterm(tmp
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert [r["exp"] for r in rows] == ["cifar10_dcgan", "cifar10_sngan_w_cnn", "cifar10_sngan_hinge_resnet"]
     assert all(r["exit"] == 0 and math.isfinite(r["fid"]) for r in rows)
+
+
+def test_conv_operator_norm_is_exact_for_known_convs():
+    """A 1x1 conv is its matrix (operator norm = sigma of the reshaped kernel); a 3x3 all-ones kernel
+    with zero padding on n x n is T (x) T with T tridiagonal of ones: norm (1 + 2 cos(pi/(n+1)))^2,
+    while the reshaped kernel's sigma is only 3."""
+    from eval.spectra import conv_operator_norms
+    torch.manual_seed(0)
+    one = nn.Conv2d(4, 6, 1, bias=False)
+    three = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    with torch.no_grad():
+        three.weight.fill_(1.0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), one, nn.Conv2d(6, 1, 1, bias=False), three)
+    norms = conv_operator_norms(model, resolution=16, iters=300)
+    assert norms["1"] == pytest.approx(torch.linalg.matrix_norm(one.weight.double().view(6, 4), 2).item(), rel=1e-6)
+    assert norms["3"] == pytest.approx((1 + 2 * math.cos(math.pi / 17)) ** 2, rel=1e-6)
+    assert torch.linalg.matrix_norm(three.weight.double().view(1, 9), 2).item() == pytest.approx(3.0)
