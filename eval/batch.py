@@ -199,6 +199,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
                    help="only checkpoints whose step is a multiple of this (and --final-step); 0: every checkpoint")
     p.add_argument("--final-step", type=int, default=0,
                    help="--watch: stop once the checkpoint of this step is evaluated (0: no such stop)")
+    p.add_argument("--after-trainer", action="store_true",
+                   help="--watch --final-step as the trainer's evaluator job (launch/slurm.py): at the end, wait "
+                        "for the trainer to exit, then add the results it did not read to metrics.jsonl and "
+                        "TensorBoard and update RUN_DIR/best")
     p.add_argument("--no-tensorboard", action="store_true",
                    help="do not write eval/* scalars to RUN_DIR/tb (the trainer's own in-training evaluation "
                         "logs them to its trackers instead)")
@@ -252,7 +256,61 @@ def _main(argv: Optional[List[str]] = None) -> int:
                 print(json.dumps({k: record.get(k) for k in ("checkpoint", "step", "fid", "is", "kid", "intra_fid")
                                   if k in record}), flush=True)
         idle_since = time.time()
+    if args.after_trainer and dist.is_main():
+        finish_after_trainer(args.run_dir)
     return 0
+
+
+def finish_after_trainer(run_dir: str, timeout: float = 600.0) -> None:
+    """``--watch --final-step`` as its own job (``launch/slurm.py`` with ``train.eval_every``): the
+    trainer reads ``eval.jsonl`` while it runs, but the final checkpoint is scored after it has exited.
+    Once the trainer's lock on the run folder is free (one writer at a time), take it and do what the
+    trainer would have done for the results it never read: ``eval/<metric>`` lines in
+    ``metrics.jsonl`` (and TensorBoard) at their checkpoints' steps, and the ``best`` pointer."""
+    from types import SimpleNamespace
+
+    from trainer.evaluation import InTrainingEval
+    from trainer.runfolder import RunFolderBusy, RunLock
+    deadline = time.time() + timeout
+    while True:
+        try:
+            lock = RunLock(run_dir).acquire()
+            break
+        except RunFolderBusy:
+            if time.time() > deadline:
+                print(f"[eval.batch] the trainer still holds {run_dir}; it reads eval.jsonl itself", flush=True)
+                return
+            time.sleep(2.0)
+    try:
+        train = (run_config(run_dir).get("train") or {})
+        cfg = SimpleNamespace(train=SimpleNamespace(
+            eval_every=int(train.get("eval_every") or 1), ckpt_every=int(train.get("ckpt_every") or 1),
+            eval_metric=str(train.get("eval_metric") or "fid")))
+        tracker = InTrainingEval(cfg, run_dir, enabled=True)
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        logged = set()
+        if os.path.isfile(metrics):
+            with open(metrics) as fh:
+                for line in fh:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if any(k.startswith("eval/") for k in rec):
+                        logged.add(int(rec.get("step", -1)))
+        new = [rec for rec in tracker.poll() if rec["step"] not in logged]
+        if new:
+            with open(metrics, "a") as fh:
+                for rec in new:
+                    fh.write(json.dumps({"step": rec["step"], "checkpoint": rec["checkpoint"],
+                                         **tracker.scalars(rec)}) + "\n")
+            for rec in new:
+                log_tensorboard(run_dir, rec)
+        if tracker.best:
+            print(f"[eval.batch] best {tracker.metric} {tracker.best['value']:.4g} at step "
+                  f"{tracker.best['step']} ({run_dir}/best); {len(new)} result(s) added to metrics.jsonl", flush=True)
+    finally:
+        lock.release()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

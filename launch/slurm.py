@@ -343,7 +343,7 @@ def cmd_train(args) -> int:
         watch_params = sbatch_parameters(argparse.Namespace(**{**vars(args), "nodes": 1}),
                                          f"{args.job_name or 'sngan-' + exp_name}-evalwatch", max(args.gpus_per_node, 1))
         watch = ("in-training evaluation (eval.batch --watch, beside training)", watch_params,
-                 [EvalTask("eval.batch", evaluator_args(load_config(args.exp, args.overrides), run_dir),
+                 [EvalTask("eval.batch", [*evaluator_args(load_config(args.exp, args.overrides), run_dir), "--after-trainer"],
                            args.gpus_per_node)])
     if args.dry_run:
         print_dry_run(what, run_dir, params, [task])

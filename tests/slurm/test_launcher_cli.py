@@ -171,4 +171,4 @@ def test_in_training_evaluation_is_its_own_job(tmp_path, capsys):
     assert "# dry run: nothing submitted (in-training evaluation" in out
     watch = out.split("in-training evaluation")[1]
     assert f"python -m eval.batch {run} --watch" in watch and "--every-steps 10 --final-step 20" in watch
-    assert "--extractor tiny-test" in watch and "--num-samples 50" in watch
+    assert "--extractor tiny-test" in watch and "--num-samples 50" in watch and "--after-trainer" in watch

@@ -153,3 +153,27 @@ def test_requeues_are_bounded(tmp_path):
     assert "FAILED" in out and "REQUEUED" not in out
     assert "--max-requeues 0" in err  # the tail of the failed task's log is shown
     assert any(c.startswith("ckpt-") for c in os.listdir(run / "checkpoints"))  # progress kept for a resubmit
+
+
+def test_in_training_evaluation_job_scores_every_kth_checkpoint_and_keeps_the_best(tmp_path, monkeypatch):
+    """train.eval_every under SLURM: the evaluator is a job of its own beside training; it scores
+    checkpoints 2, 4, 6, and after the trainer has exited (its lock free) it records what the trainer
+    could not read: eval/fid at each checkpoint's step in metrics.jsonl and RUN_DIR/best."""
+    monkeypatch.setenv("SNGAN_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    proc = launcher(*CPU_ALLOC[:1], "1", *CPU_ALLOC[2:], "--exp", "default", "--out", str(run), "--wait",
+                    "train.steps=6", "train.ckpt_every=2", "train.eval_every=1", "train.eval_extractor=tiny-test",
+                    "train.eval_num_samples=64", *TINY)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [j["kind"] for j in jobs(run)] == ["train", "eval"]
+    with open(run / "eval.jsonl") as fh:
+        records = [json.loads(line) for line in fh]
+    assert [r["checkpoint"] for r in records] == ["ckpt-000000002", "ckpt-000000004", "ckpt-000000006"]
+    fids = {r["step"]: r["fid"] for r in records}
+    assert all(v > 0 for v in fids.values())
+    logged = {m["step"]: m["eval/fid"] for m in metrics(run) if "eval/fid" in m}
+    assert logged == pytest.approx(fids)  # each once, at its checkpoint's step
+    best_step = min(fids, key=fids.get)
+    best = json.loads((run / "best.json").read_text())
+    assert best["step"] == best_step and best["value"] == pytest.approx(fids[best_step])
+    assert os.path.realpath(run / "best") == str(run / "checkpoints" / f"ckpt-{best_step:09d}")
