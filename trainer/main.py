@@ -113,7 +113,12 @@ class StopFlag:
     def restore(self) -> None:
         """Put back the handlers found at install(): a process that called train() in-process (a
         test, eval.compare) must not keep a handler that ignores SIGTERM, or its forked workers
-        inherit it and can no longer be terminated."""
+        inherit it and can no longer be terminated.
+
+        After a stop signal the handlers stay: the process is on its way out (exit 75), and a second
+        signal during the teardown must still mean "stop now", not a KeyboardInterrupt traceback."""
+        if self.signal_name is not None:
+            return
         for sig, previous in self._previous.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
