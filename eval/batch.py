@@ -26,7 +26,7 @@ import socket
 import sys
 import time
 import uuid
-from typing import List, Optional, Set
+from typing import Iterator, List, Optional, Set
 
 if __package__ in (None, ""):  # run as a script path: import eval/ as the package, not its files
     _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,21 +50,23 @@ def settings_tag(opts: EvalOptions, ref_key: str, family: str) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def jsonl_records(path: str) -> Iterator[dict]:
+    """The records of a JSON-lines file (none if it does not exist); a line cut by a crash is skipped."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        for line in fh:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
 def evaluated(run_dir: str, tag: str) -> Set[str]:
     """Names of checkpoints with a line for these settings in eval.jsonl (a result, an error, or
-    "skipped" because it was pruned before its turn)."""
-    done = set()
-    path = os.path.join(run_dir, RESULTS)
-    if os.path.isfile(path):
-        with open(path) as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash; the checkpoint simply counts as not done
-                if rec.get("settings") == tag:
-                    done.add(rec.get("checkpoint"))
-    return done
+    "skipped" because it was pruned before its turn); a cut line counts as not done."""
+    return {rec.get("checkpoint") for rec in jsonl_records(os.path.join(run_dir, RESULTS))
+            if rec.get("settings") == tag}
 
 
 def try_claim(run_dir: str, name: str, tag: str, stale_after: float) -> bool:
@@ -267,8 +269,7 @@ def finish_after_trainer(run_dir: str, timeout: float = 600.0) -> None:
     Once the trainer's lock on the run folder is free (one writer at a time), take it and do what the
     trainer would have done for the results it never read: ``eval/<metric>`` lines in
     ``metrics.jsonl`` (and TensorBoard) at their checkpoints' steps, and the ``best`` pointer."""
-    from types import SimpleNamespace
-
+    from trainer.config import Config, set_key
     from trainer.evaluation import InTrainingEval
     from trainer.runfolder import RunFolderBusy, RunLock
     deadline = time.time() + timeout
@@ -282,22 +283,14 @@ def finish_after_trainer(run_dir: str, timeout: float = 600.0) -> None:
                 return
             time.sleep(2.0)
     try:
-        train = (run_config(run_dir).get("train") or {})
-        cfg = SimpleNamespace(train=SimpleNamespace(
-            eval_every=int(train.get("eval_every") or 1), ckpt_every=int(train.get("ckpt_every") or 1),
-            eval_metric=str(train.get("eval_metric") or "fid")))
+        train = run_config(run_dir).get("train") or {}
+        cfg = Config()  # the run's own in-training evaluation settings, over the config's defaults
+        for key in ("eval_every", "ckpt_every", "eval_metric"):
+            if key in train:
+                set_key(cfg, f"train.{key}", train[key])
         tracker = InTrainingEval(cfg, run_dir, enabled=True)
         metrics = os.path.join(run_dir, "metrics.jsonl")
-        logged = set()
-        if os.path.isfile(metrics):
-            with open(metrics) as fh:
-                for line in fh:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if any(k.startswith("eval/") for k in rec):
-                        logged.add(int(rec.get("step", -1)))
+        logged = {int(rec.get("step", -1)) for rec in jsonl_records(metrics) if any(k.startswith("eval/") for k in rec)}
         new = [rec for rec in tracker.poll() if rec["step"] not in logged]
         if new:
             with open(metrics, "a") as fh:

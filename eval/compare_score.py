@@ -211,15 +211,20 @@ def make_scorer(args, rows: Sequence):
     return scorer, floor
 
 
+def settings_tag(settings: dict) -> str:
+    """The short hash that names a cached score (``score-<tag>.json``, ``floor-<tag>.json``)."""
+    import hashlib
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def real_floor(scorer: Scorer, args) -> dict:
     """The real-data row: N images of ``--floor-data`` against the reference statistics, cached in
     OUT/floor-<settings>.json like a row's score, so an interrupted study never computes it twice."""
-    import hashlib
     from eval import dist
     from eval.data import open_source
     settings = {"extractor": scorer.ext.family, "n": scorer.n, "seed": scorer.seed, "ref": args.ref or "",
                 "data": args.floor_data, "kid": scorer.ref_features is not None}
-    tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    tag = settings_tag(settings)
     cache = os.path.join(args.out, f"floor-{tag}.json")
     if os.path.isfile(cache):
         with open(cache) as fh:
@@ -241,11 +246,10 @@ def real_floor(scorer: Scorer, args) -> dict:
 def score_rows(results: List[dict], scorer: Scorer, args) -> None:
     """Score every trained row; a row's score is cached in its run folder (score-<settings>.json), so
     an interrupted comparison does not score a row twice."""
-    import hashlib
     from eval import dist
     settings = {"extractor": scorer.ext.family, "n": scorer.n, "seed": scorer.seed, "ref": args.ref or "",
                 "kid": scorer.ref_features is not None}
-    tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    tag = settings_tag(settings)
     for r in results:
         if r["exit"] == 0:
             cache = os.path.join(r["run_dir"], f"score-{tag}.json")

@@ -75,5 +75,5 @@ def load_discriminator(path: str, device: str | torch.device = "cpu") -> Tuple[n
         raise CheckpointError(f"{ckpt}: D's weights do not load into {cfg.model.d} {kwargs} ({exc})") from exc
     info = {"ckpt": ckpt, "step": meta.get("step"), "exp": meta.get("exp"), "d": cfg.model.d,
             "d_constraint": cfg.model.d_constraint, "kwargs": kwargs,
-            "num_classes": cfg.model.num_classes, "resolution": cfg.data.resolution}
+            "num_classes": cfg.model.num_classes}
     return D.to(device).eval().requires_grad_(False), info

@@ -97,16 +97,18 @@ def model_spectra(model: nn.Module) -> dict:
             "mean_stable_rank": sum(layer["stable_rank"] for layer in layers) / len(layers)}
 
 
-def conv_operator_norms(model: nn.Module, resolution: int, num_classes: int = 0, iters: int = 100,
-                        seed: int = 0) -> dict:
+def conv_operator_norms(model: nn.Module, resolution: Optional[int] = None, num_classes: int = 0,
+                        iters: int = 100, seed: int = 0) -> dict:
     """``{layer name: operator norm}`` of every 2-d conv of ``model`` as the linear map it computes on
-    the input size it sees when ``model`` reads a ``resolution`` px image (stride, padding, dilation and
-    groups as in forward, no bias), by power iteration with the adjoint from autograd.
+    the input size it sees when ``model`` reads a ``resolution`` px image (default: the model's own
+    ``resolution``, the size the config check uses) (stride, padding, dilation and groups as in
+    forward, no bias), by power iteration with the adjoint from autograd.
 
     Spectral normalization divides by sigma of the reshaped ``(out, in*k*k)`` kernel; the conv's own
     operator norm can be up to about k times larger (Sedghi et al. 2019), so SN's per-layer bound of 1
     is not a bound on the map D computes. This measures the gap."""
     import torch.nn.functional as F
+    resolution = resolution or model.resolution
     shapes = {}
 
     def record(name):
@@ -194,7 +196,7 @@ def analyse(paths: Sequence[str], labels: Optional[Sequence[str]] = None,
                "exp": info["exp"], "d": info["d"], "d_constraint": info["d_constraint"], **model_spectra(D)}
         if operator_norm:
             with torch.enable_grad():
-                norms = conv_operator_norms(D, info["resolution"], info.get("num_classes", 0))
+                norms = conv_operator_norms(D, num_classes=info.get("num_classes", 0))
             for layer in res["layers"]:
                 if layer["name"] in norms:
                     layer["operator_norm"] = norms[layer["name"]]

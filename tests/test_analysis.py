@@ -352,3 +352,5 @@ def test_conv_operator_norm_is_exact_for_known_convs():
     assert norms["1"] == pytest.approx(torch.linalg.matrix_norm(one.weight.double().view(6, 4), 2).item(), rel=1e-6)
     assert norms["3"] == pytest.approx((1 + 2 * math.cos(math.pi / 17)) ** 2, rel=1e-6)
     assert torch.linalg.matrix_norm(three.weight.double().view(1, 9), 2).item() == pytest.approx(3.0)
+    model.resolution = 16  # without an explicit size, the model's own resolution is used (as D's is)
+    assert conv_operator_norms(model, iters=300) == pytest.approx(norms)
