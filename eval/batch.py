@@ -47,6 +47,8 @@ CLAIMS = "eval-claims"
 def settings_tag(opts: EvalOptions, ref_key: str, family: str) -> str:
     ident = {"metrics": sorted(opts.metrics), "n": opts.num_samples, "per_class": opts.per_class,
              "seed": opts.seed, "which": opts.which, "ref": ref_key, "features": family}
+    if any(m in opts.metrics for m in ("precision", "recall", "density", "coverage")):  # absent: older tags hold
+        ident["prdc"] = [opts.prdc_k, opts.prdc_num]
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -112,7 +114,7 @@ def log_tensorboard(run_dir: str, record: dict) -> None:
         return
     step = record.get("step") or 0
     writer = SummaryWriter(os.path.join(run_dir, "tb"), filename_suffix=".eval")
-    for key in ("fid", "is", "kid", "intra_fid"):
+    for key in ("fid", "is", "kid", "intra_fid", "precision", "recall", "density", "coverage"):
         if isinstance(record.get(key), (int, float)):
             writer.add_scalar(f"eval/{key}", record[key], step)
     writer.close()
@@ -225,6 +227,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
         source = open_source(data_spec(cfg, args.run_dir))
         ref = compute_reference(source, ext, num_images=args.ref_num_images,
                                 per_class="intra_fid" in opts.metrics, keep_features="kid" in opts.metrics,
+                                prdc_features=opts.prdc_num if set(opts.metrics) & {"precision", "recall", "density",
+                                                                                     "coverage"} else 0,
                                 spec=data_spec(cfg, args.run_dir))
     tag = settings_tag(opts, load_stats(ref).cache_key or os.path.abspath(ref), ext.family)
     idle_since = time.time()

@@ -1,9 +1,10 @@
 """Run an extractor over this rank's images and reduce the results over ranks.
 
 :class:`Collector` accumulates sufficient statistics (always) and, only when a metric needs them,
-the features (KID) or logits (IS) with their global sample indices. :meth:`Collector.finish` sums
-the statistics with one all_reduce and gathers kept rows onto rank 0 in global index order, so
-the result does not depend on the number of ranks.
+the features (KID; with ``feature_index`` only those of the listed global indices, the bounded
+subset that precision/recall/density/coverage use) or logits (IS) with their global sample
+indices. :meth:`Collector.finish` sums the statistics with one all_reduce and gathers kept rows
+onto rank 0 in global index order, so the result does not depend on the number of ranks.
 """
 
 from __future__ import annotations
@@ -38,13 +39,16 @@ def _ordered(rows: List[torch.Tensor], index: List[torch.Tensor], width: int, de
 
 class Collector:
     def __init__(self, extractor: FeatureExtractor, device, groups: int = 1,
-                 keep_features: bool = False, keep_logits: bool = False):
+                 keep_features: bool = False, keep_logits: bool = False,
+                 feature_index: Optional[torch.Tensor] = None):
         self.extractor, self.device = extractor, torch.device(device)
+        self.feature_index = None if feature_index is None else torch.as_tensor(feature_index, dtype=torch.int64)
         self.stats = SufficientStats(extractor.dim, groups, self.device)
         self.keep_features, self.keep_logits = keep_features, keep_logits
         self._feats: List[torch.Tensor] = []
         self._logits: List[torch.Tensor] = []
         self._index: List[torch.Tensor] = []
+        self._findex: List[torch.Tensor] = []
 
     @torch.no_grad()
     def add(self, images: torch.Tensor, group: Optional[torch.Tensor] = None,
@@ -55,9 +59,16 @@ class Collector:
         if self.keep_features or self.keep_logits:
             if index is None:
                 raise ValueError("keeping features or logits needs the samples' global indices")
-            self._index.append(index.cpu())
+            index = index.cpu()
+            self._index.append(index)
             if self.keep_features:
-                self._feats.append(feats.float().cpu())
+                if self.feature_index is not None:  # the features of the listed indices only
+                    keep = torch.isin(index, self.feature_index)
+                    self._feats.append(feats[keep.to(feats.device)].float().cpu())
+                    self._findex.append(index[keep])
+                else:
+                    self._feats.append(feats.float().cpu())
+                    self._findex.append(index)
             if self.keep_logits:
                 if logits is None:
                     raise ValueError(f"extractor {self.extractor.name!r} gives no logits (IS)")
@@ -68,8 +79,8 @@ class Collector:
         out = Collected(self.stats)
         dev = dist.device()
         if self.keep_features:
-            out.features = _ordered(self._feats, self._index, self.extractor.dim, dev)
+            out.features = _ordered(self._feats, self._findex, self.extractor.dim, dev)
         if self.keep_logits:
             out.logits = _ordered(self._logits, self._index, self.extractor.num_logits, dev)
-        self._feats, self._logits, self._index = [], [], []
+        self._feats, self._logits, self._index, self._findex = [], [], [], []
         return out

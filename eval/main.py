@@ -14,6 +14,11 @@ float64 sufficient statistics; one all_reduce gives the exact statistics and ran
   projection paper), FID of each class against the reference's per-class statistics, averaged.
   Classes are processed in groups with one all_reduce each; the per-class FIDs are spread over
   the ranks. When N == classes * per-class, FID/IS/KID reuse the same samples.
+- ``precision``, ``recall``, ``density``, ``coverage`` (groups ``pr``, ``dc``): improved precision
+  and recall (Kynkäänniemi et al. 2019) and density and coverage (Naeem et al. 2020) with k-NN
+  balls of ``--prdc-k`` (3) neighbours, between evenly spaced subsets of at most ``--prdc-num``
+  (10000) generated and reference features (the reference's ``prdc_features`` or ``features``),
+  every rank computing its rows' distances (see :mod:`eval.prdc`).
 """
 
 from __future__ import annotations
@@ -36,12 +41,14 @@ from eval.ckpt import CheckpointError, check_run_config, checkpoint_folder, reso
 from eval.collect import Collector
 from eval.extractors import FeatureExtractor
 from eval.errors import cli
+from eval import prdc
 from eval.generate import Plan, SampleHealth, balanced_counts, generate, rank_batches
 from eval.reference import add_extractor_args, make_extractor
 from eval.stats import SufficientStats, frechet_distance, inception_score, kernel_inception_distance, mean_of
 from eval.statsfile import ReferenceStats, StatsError, load_stats
 
-METRICS = ("fid", "is", "kid", "intra_fid")
+METRICS = ("fid", "is", "kid", "intra_fid") + prdc.METRICS
+METRIC_GROUPS = prdc.GROUPS  # pr = precision,recall; dc = density,coverage; prdc = all four
 CLASS_GROUP_BYTES = 2 << 30  # per-class statistics held at once during intra-FID (per rank)
 
 
@@ -56,14 +63,17 @@ class EvalOptions:
     is_splits: int = 10
     kid_subsets: int = 100
     kid_subset_size: int = 1000
+    prdc_k: int = prdc.DEFAULT_K
+    prdc_num: int = prdc.DEFAULT_NUM
 
 
 def parse_metrics(text: str) -> tuple:
     names = tuple(m.strip() for m in text.split(",") if m.strip())
-    bad = [m for m in names if m not in METRICS]
+    bad = [m for m in names if m not in METRICS and m not in METRIC_GROUPS]
     if bad or not names:
-        raise ValueError(f"--metrics {text!r}: unknown {bad}; valid: {','.join(METRICS)}")
-    return names
+        groups = ", ".join(g + "=" + ",".join(ms) for g, ms in METRIC_GROUPS.items())
+        raise ValueError(f"--metrics {text!r}: unknown {bad}; valid: {','.join(METRICS)} (groups: {groups})")
+    return prdc.expand(names)
 
 
 def _num_classes(G, gmeta: dict) -> int:
@@ -81,6 +91,14 @@ def _check(G, ref: ReferenceStats, ext: FeatureExtractor, opts: EvalOptions, num
                          f"{ref.resolution}x{ref.resolution} images: a checkpoint of another model/config, "
                          "or reference statistics of another dataset")
     main = [m for m in opts.metrics if m != "intra_fid"]
+    if set(opts.metrics) & set(prdc.METRICS):
+        if opts.prdc_k < 1:
+            raise ValueError(f"--prdc-k must be at least 1, got {opts.prdc_k}")
+        if min(opts.num_samples, opts.prdc_num) <= opts.prdc_k:
+            raise ValueError(f"precision/recall/density/coverage with --prdc-k {opts.prdc_k} need more than "
+                             f"{opts.prdc_k} samples; got --num-samples {opts.num_samples}, --prdc-num {opts.prdc_num}")
+        if not ref.has_prdc_features:
+            ref.prdc_features(opts.prdc_num)  # raises with the fix
     if main and opts.num_samples < 2:
         raise ValueError(f"--num-samples must be at least 2, got {opts.num_samples}")
     if main and "fid" in main:
@@ -109,8 +127,10 @@ def warn_small_n(metric: str, n: int, dim: int, per_class: bool = False) -> None
 
 
 def _run_pass(G, plan: Plan, ext: FeatureExtractor, opts: EvalOptions, ref: ReferenceStats,
-              per_class: bool, keep_features: bool, keep_logits: bool, health: SampleHealth):
-    """Generate the plan's samples; returns (overall stats, per-class FIDs, features, logits)."""
+              per_class: bool, keep_features: bool, keep_logits: bool, health: SampleHealth, feature_index=None):
+    """Generate the plan's samples; returns (overall stats, per-class FIDs, features, logits).
+
+    Features are kept (on rank 0) for all samples, or only for ``feature_index`` when given."""
     dev = dist.device()
     row_bytes = (ext.dim * ext.dim + ext.dim + 1) * 8
     group = max(1, CLASS_GROUP_BYTES // row_bytes) if per_class else len(plan.counts)
@@ -119,7 +139,7 @@ def _run_pass(G, plan: Plan, ext: FeatureExtractor, opts: EvalOptions, ref: Refe
     feats, logits = [], []
     offsets = plan.offsets
     for c0, c1 in plan.class_groups(group):
-        col = Collector(ext, dev, (c1 - c0) if per_class else 1, keep_features, keep_logits)
+        col = Collector(ext, dev, (c1 - c0) if per_class else 1, keep_features, keep_logits, feature_index)
         for idx, cls, within in rank_batches(plan, offsets[c0], offsets[c1], opts.batch_size):
             col.add(generate(G, plan, idx, cls, within, dev, health), (cls - c0) if per_class else None, idx)
         res = col.finish()
@@ -162,7 +182,12 @@ def evaluate(ckpt: str, ref_path: str, ext: FeatureExtractor, opts: EvalOptions)
     num_classes = _num_classes(G, gmeta)
     resolution = _check(G, ref, ext, opts, num_classes, gen_path)
     m = set(opts.metrics)
-    main_metrics = m & {"fid", "is", "kid"}
+    prdc_metrics = [x for x in prdc.METRICS if x in m]
+    main_metrics = m & ({"fid", "is", "kid"} | set(prdc.METRICS))
+    # Features: all N for KID; for precision/recall/density/coverage only an evenly spaced subset.
+    keep_features = bool({"kid"} & m or prdc_metrics)
+    prdc_index = prdc.spread_subset(opts.num_samples, opts.prdc_num)
+    feature_index = None if "kid" in m else torch.from_numpy(prdc_index)
     out = {}
     main_plan = Plan(balanced_counts(opts.num_samples, num_classes), num_classes > 0, opts.seed)
     shared = False
@@ -170,15 +195,23 @@ def evaluate(ckpt: str, ref_path: str, ext: FeatureExtractor, opts: EvalOptions)
     if "intra_fid" in m:
         intra_plan = Plan([opts.per_class] * num_classes, True, opts.seed)
         shared = bool(main_metrics) and intra_plan.counts == main_plan.counts
-        overall, class_fid, feats, logits = _run_pass(G, intra_plan, ext, opts, ref, True,
-                                                      shared and "kid" in m, shared and "is" in m, health)
+        overall, class_fid, feats, logits = _run_pass(G, intra_plan, ext, opts, ref, True, shared and keep_features,
+                                                      shared and "is" in m, health, feature_index)
         out["intra_fid"] = mean_of(class_fid)
         out["intra_fid_classes"] = class_fid
     if main_metrics and not shared:
-        overall, _, feats, logits = _run_pass(G, main_plan, ext, opts, ref, False, "kid" in m, "is" in m, health)
+        overall, _, feats, logits = _run_pass(G, main_plan, ext, opts, ref, False, keep_features, "is" in m, health,
+                                              feature_index)
     health = health.reduce()
     for line in health.warnings():
         dist.print0(f"warning: {gen_path}: {line}; check the samples before trusting the score", file=sys.stderr)
+    if prdc_metrics:  # collective: every rank computes its rows' distances
+        fake = (feats if feature_index is not None else feats[torch.from_numpy(prdc_index)]) if dist.is_main() else None
+        real = torch.from_numpy(ref.prdc_features(opts.prdc_num)) if dist.is_main() else None
+        fake, real = prdc.share(fake, dev), prdc.share(real, dev)
+        out.update(prdc.prdc(real, fake, opts.prdc_k, prdc_metrics, device=dev))
+        out.update(prdc_k=opts.prdc_k, prdc_num_samples=int(fake.shape[0]), prdc_ref_num=int(real.shape[0]))
+        del fake, real
     if dist.is_main() and main_metrics:
         if "fid" in m:
             mu, sigma = overall.mean_cov()
@@ -204,7 +237,9 @@ def evaluate(ckpt: str, ref_path: str, ext: FeatureExtractor, opts: EvalOptions)
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metrics", default="fid", help=f"comma-separated subset of {','.join(METRICS)}")
+    p.add_argument("--metrics", default="fid",
+                   help=f"comma-separated subset of {','.join(METRICS)}, or the groups pr (precision,recall), "
+                        "dc (density,coverage), prdc (all four)")
     p.add_argument("--num-samples", type=int, default=50000, help="N generated samples for fid/is/kid")
     p.add_argument("--per-class", type=int, default=5000, help="samples per class for intra_fid")
     p.add_argument("--batch-size", type=int, default=100, help="samples per rank per step")
@@ -213,12 +248,17 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--is-splits", type=int, default=10)
     p.add_argument("--kid-subsets", type=int, default=100)
     p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--prdc-k", type=int, default=prdc.DEFAULT_K,
+                   help="k of the k-NN balls for precision/recall/density/coverage")
+    p.add_argument("--prdc-num", type=int, default=prdc.DEFAULT_NUM,
+                   help="precision/recall/density/coverage use an evenly spaced subset of at most this many "
+                        "generated and reference features (memory and time grow with its square)")
     add_extractor_args(p)
 
 
 def options_from_args(args) -> EvalOptions:
     return EvalOptions(parse_metrics(args.metrics), args.num_samples, args.per_class, args.batch_size, args.seed,
-                       args.which, args.is_splits, args.kid_subsets, args.kid_subset_size)
+                       args.which, args.is_splits, args.kid_subsets, args.kid_subset_size, args.prdc_k, args.prdc_num)
 
 
 def _main(argv=None) -> int:

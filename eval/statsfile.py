@@ -2,7 +2,10 @@
 
 Keys: ``mu`` (float64 ``[d]``), ``sigma`` (float64 ``[d, d]``), which is all pytorch-fid reads,
 plus ``n``, ``format``, ``extractor`` (feature family), ``dim``, ``resolution``, ``cache_key`` and
-``info`` (JSON). Optional: ``features`` (float32 ``[n, d]``, kept for KID), and per-class
+``info`` (JSON). Optional: ``features`` (float32 ``[n, d]``, kept for KID, also used for
+precision/recall/density/coverage), ``prdc_features`` (float32 ``[m, d]``, the features of an evenly
+spaced subset of m of the n images, ``prdc_index`` int64 ``[m]`` their indices: enough for
+precision/recall/density/coverage at a fraction of the size of all features), and per-class
 statistics for intra-FID: ``class_n`` ``[C]``, ``class_mu`` ``[C, d]`` and one ``class_sigma_<c>``
 per class. The file is written entry by entry (no need to hold every per-class covariance in
 memory at once) into a temporary file that is renamed into place, and ``np.load`` reads entries
@@ -64,7 +67,8 @@ def _write_entry(zf: zipfile.ZipFile, name: str, value) -> None:
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, n: int, *, extractor: str, resolution: int,
                cache_key: str = "", info: Optional[dict] = None, features: Optional[np.ndarray] = None,
                class_stats: Optional[Iterable[Tuple[int, np.ndarray, np.ndarray, int]]] = None,
-               num_classes: int = 0) -> None:
+               num_classes: int = 0, prdc_features: Optional[np.ndarray] = None,
+               prdc_index: Optional[np.ndarray] = None) -> None:
     """Write a stats file atomically; ``class_stats`` yields ``(c, mu_c, sigma_c, n_c)`` lazily."""
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -76,6 +80,11 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, n: int, *, extracto
             _write_entry(zf, key, value)
         if features is not None:
             _write_entry(zf, "features", np.asarray(features, np.float32))
+        if prdc_features is not None:
+            if prdc_index is None or len(prdc_index) != len(prdc_features):
+                raise ValueError("prdc_features need their image indices (prdc_index), one per row")
+            _write_entry(zf, "prdc_features", np.asarray(prdc_features, np.float32))
+            _write_entry(zf, "prdc_index", np.asarray(prdc_index, np.int64))
         if class_stats is not None:
             class_n = np.zeros(num_classes, np.int64)
             class_mu = np.zeros((num_classes, len(mu)), np.float64)
@@ -131,6 +140,30 @@ class ReferenceStats:
             raise StatsError(f"{self.path}: holds no features, which KID needs; recompute it with "
                              "`python -m eval.reference ... --keep-features`")
         return np.asarray(self._npz["features"], np.float32)
+
+    @property
+    def has_prdc_features(self) -> bool:
+        return "prdc_features" in self.keys or self.has_features
+
+    def prdc_features(self, m: int) -> np.ndarray:
+        """The reference side of precision/recall/density/coverage: an evenly spaced subset of at most
+        ``m`` rows of ``prdc_features`` when the file has them, else of ``features``."""
+        from .prdc import spread_subset
+        key = "prdc_features" if "prdc_features" in self.keys else "features"
+        if key not in self.keys:
+            raise StatsError(f"{self.path}: holds no features, which precision/recall/density/coverage need; "
+                             "recompute it with `python -m eval.reference ... --prdc-features 10000` (or "
+                             "--keep-features, all of them)")
+        try:
+            feats = self._npz[key]
+        except (ValueError, OSError, zipfile.BadZipFile) as exc:
+            raise StatsError(f"{self.path}: {key} unreadable ({exc})") from exc
+        if feats.ndim != 2 or feats.shape[1] != self.dim:
+            raise StatsError(f"{self.path}: {key} has shape {feats.shape}, not [N, {self.dim}]; recompute the file")
+        feats = np.asarray(feats[spread_subset(feats.shape[0], m)], np.float32)
+        if not np.isfinite(feats).all():
+            raise StatsError(f"{self.path}: {key} hold non-finite values (NaN/inf); recompute the file")
+        return feats
 
     def class_stats(self, c: int) -> Tuple[np.ndarray, np.ndarray, int]:
         if not 0 <= c < self.num_classes:

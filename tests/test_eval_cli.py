@@ -110,7 +110,7 @@ def test_bad_statistics_and_settings_give_clear_errors(env):
         evaluate(uncond, ref, ext, opts("intra_fid"))
     with pytest.raises(ValueError, match="unknown.*valid: fid,is,kid,intra_fid"):
         from eval.main import parse_metrics
-        parse_metrics("fid,precision")
+        parse_metrics("fid,precisoin")
     assert load_stats(compute_reference(open_source("synthetic:32:10"), ext, str(tmp / "small.npz"), workers=0)).n == 10
     with pytest.raises(ValueError, match="no covariance"):
         compute_reference(open_source("synthetic:32:1"), ext, str(tmp / "one.npz"), workers=0)
