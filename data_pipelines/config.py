@@ -30,7 +30,8 @@ class DataConfig:
     verify: str = "quick"
     # Pixel scaling fed to D: x / pixel_scale - 1. 127.5 maps [0, 255] onto [-1, 1] exactly; the
     # official Chainer code uses 128 plus uniform noise in [0, 1/128) (dequantize=true), which
-    # experiments that reproduce its results set.
+    # experiments that reproduce its results set. The noise is U[0, 1/128) at either scale
+    # (127.5 + dequantize: pytorch-gan-collections' SN-GAN transform).
     pixel_scale: float = 127.5
     dequantize: bool = False
     # Number of distinct images of the synthetic dataset (sample i is a pure function of (seed, i)).

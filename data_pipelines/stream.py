@@ -73,13 +73,16 @@ def to_model_range(images: torch.Tensor, device: torch.device | str | None = Non
     evaluator's inverse ``round(127.5 x + 127.5)``). ``scale=128`` with ``dequantize=True`` is the
     official Chainer code's form (sngan_projection ``datasets/``, chainer-gan-lib ``common/dataset``):
     ``x / 128 - 1 + u``, ``u ~ U[0, 1/128)``, so that each of the 256 pixel levels becomes a uniform
-    interval of width 1/128 that tiles [-1, 1). ``generator`` draws the noise (the trainer passes
-    its checkpointed per-rank generator, so a resumed run draws the same noise).
+    interval of width 1/128 that tiles [-1, 1). The noise is U[0, 1/128) whatever the scale:
+    ``scale=127.5`` with ``dequantize=True`` is pytorch-gan-collections' SN-GAN transform
+    (``sngan.py:89-93``: ToTensor, Normalize(0.5, 0.5), ``x + rand_like(x) / 128``). ``generator``
+    draws the noise (the trainer passes its checkpointed per-rank generator, so a resumed run draws
+    the same noise).
     """
     x = images.to(device, non_blocking=True) if device is not None else images
     x = x.float().div_(scale).sub_(1.0)
     if dequantize:
-        x.add_(torch.rand(x.shape, device=x.device, generator=generator).div_(scale))
+        x.add_(torch.rand(x.shape, device=x.device, generator=generator).div_(128.0))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x

@@ -2,9 +2,14 @@
 
 Suites (``--suite``):
 
-- ``seeds``: the seeds' comparison: DCGAN, WGAN (weight clipping), WGAN-GP with the standard CNN
-  and with the ResNet, SN-GAN with the Wasserstein loss (CNN, ResNet) and SN-GAN with the hinge
-  loss (ResNet), each with its published hyperparameters (``launch/experiments/cifar10_*.yaml``).
+- ``seeds``: the seeds' comparison table as its source trains it (pytorch-gan-collections @ 860e90b,
+  ``configs/*.txt``): DCGAN, WGAN (weight clipping), WGAN-GP with the CNN and with the ResNet, SN-GAN
+  with the Wasserstein loss (CNN, ResNet) and with the hinge loss (ResNet), each with that code's
+  architecture, optimizer, batch (G step 2x), update order and pixel transform
+  (``launch/experiments/seeds_*.yaml``; ``tests/golden/fixtures/seeds_*.npz`` replay its training
+  step through our loop).
+- ``paper``: the same seven recipes with the hyperparameters of their original papers
+  (``launch/experiments/cifar10_*.yaml``; docs/fidelity.md says where they differ from the above).
 - ``normalization``: the SN-GAN paper's normalization comparison on the standard CNN (Sec. 4):
   SN, weight normalization, orthonormal regularization, weight clipping, gradient penalty.
 - ``cifar10``: the real-data study (docs/real-data.md): DCGAN, WGAN (clipping), WGAN-GP CNN, SN-GAN
@@ -14,8 +19,9 @@ Every row is trained for the same number of G iterations (``--steps``; each row 
 n_dis, as in the papers), then scored: ``--num-samples`` generated images against reference
 statistics of the training data, FID always and IS when the extractor has logits. A row **works**
 when (1) training finished with finite losses, (2) FID < ``--fid-threshold`` and (3) it has not
-collapsed: the generated features' total variance ``tr(Sigma_g)`` is at least
-``--min-variance-ratio`` of the data's ``tr(Sigma_r)``. The table (markdown) is printed and
+collapsed: its recall (improved recall, Kynkäänniemi et al. 2019, k = 3: the fraction of real
+images inside the k-NN ball of some generated image) is at least ``--min-recall`` (0.25; see
+eval/compare_score.py). The table (markdown) is printed and
 written to ``OUT/compare.md`` with the numbers in ``OUT/compare.json``; each row's run folder is
 ``OUT/<experiment>/`` (a rerun reuses finished runs, so an interrupted comparison continues; a
 folder trained with another config is refused). Trailing ``KEY=VALUE`` arguments override the
@@ -75,7 +81,18 @@ class Row:
 
 
 SUITES: Dict[str, List[Row]] = {
+    # The seeds' table as pytorch-gan-collections trains it (launch/experiments/seeds_*.yaml).
     "seeds": [
+        Row("DCGAN", "seeds_dcgan"),
+        Row("WGAN (weight clipping)", "seeds_wgan"),
+        Row("WGAN-GP, CNN", "seeds_wgangp_cnn"),
+        Row("WGAN-GP, ResNet", "seeds_wgangp_resnet"),
+        Row("SN-GAN, Wasserstein, CNN", "seeds_sngan_w_cnn"),
+        Row("SN-GAN, Wasserstein, ResNet", "seeds_sngan_w_resnet"),
+        Row("SN-GAN, hinge, ResNet", "seeds_sngan_hinge_resnet"),
+    ],
+    # The same recipes with their papers' settings.
+    "paper": [
         Row("DCGAN", "cifar10_dcgan"),
         Row("WGAN (weight clipping)", "cifar10_wgan"),
         Row("WGAN-GP, CNN", "cifar10_wgangp_cnn"),
@@ -259,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-threshold", type=float, default=None,
                    help=f"'works' needs FID below this (unset=%(default)s: quick {QUICK['fid_threshold']:g}, "
                         f"full {FULL['fid_threshold']:g})")
-    p.add_argument("--min-variance-ratio", type=float, default=0.25,
-                   help="'works' needs tr(Sigma_g)/tr(Sigma_r) at least this (below: collapsed)")
+    p.add_argument("--min-recall", type=float, default=0.25,
+                   help="'works' needs recall (Kynkaanniemi et al. 2019, k=3) at least this (below: collapsed)")
     p.add_argument("--launcher", default=None, help="train each row in a subprocess with this command, e.g. "
                                                    "'accelerate launch --multi_gpu --num_processes 8' "
                                                    "(unset=%(default)s: in this process)")
@@ -428,6 +445,8 @@ def run(args) -> List[dict]:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if not 0 <= args.min_recall <= 1:
+        raise ValueError(f"--min-recall must be in [0, 1] (a fraction of the real images), got {args.min_recall}")
     os.makedirs(args.out, exist_ok=True)
     threads = torch.get_num_threads()
     try:
@@ -454,7 +473,7 @@ def run(args) -> List[dict]:
         with open(os.path.join(args.out, "compare.json"), "w") as fh:
             json.dump({"suite": args.suite, "quick": args.quick, "num_samples": args.num_samples,
                        "extractor": scorer.ext.name, "feature_family": scorer.ext.family,
-                       "fid_threshold": args.fid_threshold, "min_variance_ratio": args.min_variance_ratio,
+                       "fid_threshold": args.fid_threshold, "min_recall": args.min_recall,
                        "threads": args.threads, "real_floor": floor, "rows": results}, fh, indent=1)
         print(text, flush=True)
     return results

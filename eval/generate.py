@@ -50,14 +50,17 @@ class Plan:
         return [(c, min(c + group_size, k)) for c in range(0, k, group_size)]
 
 
-def sample_noise(seed: int, classes: Sequence[int], within: Sequence[int], z_dim: int) -> torch.Tensor:
-    """``[B, z_dim]`` noise, row b a pure function of ``(seed, classes[b], within[b])``."""
+def sample_noise(seed: int, classes: Sequence[int], within: Sequence[int], z_dim: int,
+                 z_dist: str = "normal") -> torch.Tensor:
+    """``[B, z_dim]`` noise, row b a pure function of ``(seed, classes[b], within[b])``, from G's
+    latent distribution (``z_dist``: normal N(0, I), or uniform U[-1, 1) for chainer-gan-lib's CNN)."""
+    from models import sample_z
     out = torch.empty(len(classes), z_dim)
     g = torch.Generator()
     for b, (c, j) in enumerate(zip(classes, within)):
         s = np.random.SeedSequence([seed, int(c), int(j)]).generate_state(2, np.uint32)
         g.manual_seed(int(s[0]) << 32 | int(s[1]))
-        out[b] = torch.randn(z_dim, generator=g)
+        out[b] = sample_z(1, z_dim, z_dist, generator=g)[0]
     return out
 
 
@@ -120,7 +123,7 @@ class SampleHealth:
 def generate(G, plan: Plan, idx: torch.Tensor, cls: torch.Tensor, within: torch.Tensor,
              device, health: Optional[SampleHealth] = None) -> torch.Tensor:
     """uint8 images of the given samples; refuses non-finite generator output."""
-    z = sample_noise(plan.seed, cls.tolist(), within.tolist(), G.z_dim).to(device)
+    z = sample_noise(plan.seed, cls.tolist(), within.tolist(), G.z_dim, getattr(G, "z_dist", "normal")).to(device)
     y: Optional[torch.Tensor] = cls.to(device) if plan.conditional else None
     x = G(z, y)
     if x.dim() != 4 or x.shape[1] != 3:

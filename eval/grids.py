@@ -105,9 +105,10 @@ def _run(G: nn.Module, z: torch.Tensor, y: Optional[torch.Tensor], batch: int = 
     return torch.cat(outs)
 
 
-def _noise(seed: int, n: int, z_dim: int, stream: int) -> torch.Tensor:
+def _noise(seed: int, n: int, z_dim: int, stream: int, z_dist: str = "normal") -> torch.Tensor:
+    from models import sample_z
     g = torch.Generator().manual_seed(seed * 1000 + stream)
-    return torch.randn(n, z_dim, generator=g)
+    return sample_z(n, z_dim, z_dist, generator=g)
 
 
 def class_grid(G: nn.Module, classes: Optional[Sequence[int]], cols: int, rows: int, seed: int) -> torch.Tensor:
@@ -118,16 +119,17 @@ def class_grid(G: nn.Module, classes: Optional[Sequence[int]], cols: int, rows: 
         classes = list(classes) if classes else list(range(k))
         cls = [c for c in classes for _ in range(cols)]
         within = [j for _ in classes for j in range(cols)]
-        z = sample_noise(seed, cls, within, G.z_dim)
+        z = sample_noise(seed, cls, within, G.z_dim, getattr(G, "z_dist", "normal"))
         return _run(G, z, torch.tensor(cls))
-    z = sample_noise(seed, [0] * (rows * cols), list(range(rows * cols)), G.z_dim)
+    z = sample_noise(seed, [0] * (rows * cols), list(range(rows * cols)), G.z_dim,
+                     getattr(G, "z_dist", "normal"))
     return _run(G, z, None)
 
 
 def interpolation(G: nn.Module, rows: int, steps: int, seed: int, classes: Optional[Sequence[int]] = None,
                   spherical: bool = True) -> torch.Tensor:
     """``[rows * steps, 3, H, W]``: each row walks from one noise vector to another at a fixed class."""
-    z0, z1 = _noise(seed, rows, G.z_dim, 1), _noise(seed, rows, G.z_dim, 2)
+    z0, z1 = (_noise(seed, rows, G.z_dim, k, getattr(G, "z_dist", "normal")) for k in (1, 2))
     t = torch.linspace(0, 1, steps)
     z = (slerp if spherical else lerp)(z0, z1, t).reshape(rows * steps, -1)
     k = num_classes_of(G)
@@ -146,7 +148,7 @@ def morph(G: nn.Module, a: int, b: int, rows: int, steps: int, seed: int) -> tor
     for c in (a, b):
         if not 0 <= c < k:
             raise ValueError(f"morph class {c} outside [0, {k})")
-    z = _noise(seed, rows, G.z_dim, 3).repeat_interleave(steps, dim=0)
+    z = _noise(seed, rows, G.z_dim, 3, getattr(G, "z_dist", "normal")).repeat_interleave(steps, dim=0)
     t = torch.linspace(0, 1, steps).repeat(rows)
     w = torch.zeros(rows * steps, k)
     w[:, a] += 1 - t

@@ -158,7 +158,7 @@ def _generated_queries(ckpt: str, n: int, classes: Optional[List[int]], seed: in
     else:
         cls = [0] * n
     cls = (cls * n)[:n]
-    z = sample_noise(seed, cls, list(range(n)), G.z_dim).to(device)
+    z = sample_noise(seed, cls, list(range(n)), G.z_dim, getattr(G, "z_dist", "normal")).to(device)
     y = torch.tensor(cls, device=device) if num_classes else None
     with torch.no_grad():
         images = to_uint8(G(z, y).float()).cpu()

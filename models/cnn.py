@@ -4,12 +4,20 @@
 Table 3), with Mg = 4 (32 px) or 6 (48 px, STL-10):
 
 - G: z -> dense -> Mg x Mg x 512, BN, ReLU; three 4x4 stride-2 deconvs 512 -> 256 -> 128 -> 64, each
-  BN + ReLU; 3x3 conv -> 3; tanh. The BN after the dense layer is per channel of the reshaped map
-  (chainer-gan-lib, whose generator the paper used, normalizes each of the Mg*Mg*512 features;
-  per channel keeps a class-conditional BN small).
+  BN + ReLU; 3x3 conv -> 3; tanh. The BN after the dense layer is per channel of the reshaped map by
+  default (``dense_bn="channel"``; it keeps a class-conditional BN small); ``dense_bn="feature"``
+  normalizes each of the Mg*Mg*512 features on its own, as chainer-gan-lib's ``DCGANGenerator``
+  (``common/net.py:75,91``: ``BatchNormalization(bottom_width * bottom_width * ch)`` on the dense
+  output), whose generator produced the paper's standard-CNN numbers. Its last layer is a 3x3 stride-1
+  *deconvolution* (``common/net.py:73``), which is this 3x3 conv with the kernel flipped and the
+  channel axes swapped: the same function and, under Adam (elementwise), the same training.
+  ``z_dist``: the latent distribution G is trained and sampled with, N(0, I) by default (the paper,
+  pytorch-gan-collections) or U[-1, 1] (``"uniform"``: chainer-gan-lib's ``z_distribution`` default,
+  ``common/net.py:56,79-82``); drawn by ``models.sample_z``.
 - D: conv3x3 64, conv4x4/2 64, conv3x3 128, conv4x4/2 128, conv3x3 256, conv4x4/2 256, conv3x3 512,
-  each followed by leaky ReLU (slope 0.1, as the table), then dense -> 1 on the flattened
-  Mg x Mg x 512 map.
+  each followed by leaky ReLU (``slope``: 0.1 as the table by default; chainer-gan-lib's
+  ``SNDCGANDiscriminator`` uses Chainer's default 0.2, ``common/net.py:214-220``), then dense -> 1 on
+  the flattened Mg x Mg x 512 map.
 
 ``cnn32code`` / ``cnn48code`` (discriminators only): the layout of the code behind the published
 numbers, which widens at the stride-2 convs instead: conv3x3 64, conv4x4/2 128, conv3x3 128,
@@ -17,7 +25,7 @@ conv4x4/2 256, conv3x3 256, conv4x4/2 512, conv3x3 512 (chainer-gan-lib ``common
 ``SNDCGANDiscriminator``, which produced the SN-GAN paper's standard-CNN results, and
 pytorch-gan-collections ``source/models/sngan.py:50-65``, behind the seeds' comparison). It has
 twice the D parameters of the table's layout; slope 0.1 as the table and pytorch-gan-collections
-(chainer-gan-lib's is Chainer's default 0.2; see docs/fidelity.md).
+by default (chainer-gan-lib's is Chainer's default 0.2: ``slope=0.2``; see docs/fidelity.md).
 
 ``dcgan32``: DCGAN (Radford et al. 2016, Sec. 3-4) at 32 px: G is dense -> 4x4 x 4ch, BN, ReLU, then
 4x4 stride-2 transposed convs 4ch -> 2ch -> ch (BN + ReLU) -> 3 (tanh). D is 4x4 stride-2 convs
@@ -40,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConditionalBatchNorm2d, DLayers, ProjectionHead, check_labels, normal_init
+from .layers import Z_DISTS, ConditionalBatchNorm2d, DLayers, ProjectionHead, check_labels, normal_init
 from .registry import register_discriminator, register_generator
 
 __all__ = ["ConvGenerator", "ConvDiscriminator"]
@@ -56,16 +64,27 @@ class ConvGenerator(nn.Module):
     3 channels (DCGAN).
     """
 
+    DENSE_BN = ("channel", "feature")
+
     def __init__(self, widths: Sequence[int], bottom: int, out_conv3x3: bool, num_classes: int = 0,
-                 z_dim: int = 128) -> None:
+                 z_dim: int = 128, dense_bn: str = "channel", z_dist: str = "normal") -> None:
         super().__init__()
+        if dense_bn not in self.DENSE_BN:
+            raise ValueError(f"dense_bn={dense_bn!r}; valid: {', '.join(self.DENSE_BN)}")
+        if z_dist not in Z_DISTS:
+            raise ValueError(f"z_dist={z_dist!r}; valid: {', '.join(Z_DISTS)}")
         self.z_dim = z_dim
+        self.z_dist = z_dist     # the latent distribution G is trained with (``models.sample_z``)
         self.num_classes = num_classes
         self.bottom = bottom
+        self.dense_bn = dense_bn
         ups = len(widths) - 1 + (0 if out_conv3x3 else 1)
         self.resolution = bottom * 2 ** ups
         self.linear = nn.Linear(z_dim, bottom * bottom * widths[0])
-        self.bns = nn.ModuleList(ConditionalBatchNorm2d(w, num_classes) for w in widths)
+        # "feature": the first BN sees the dense output as a [B, Mg*Mg*C, 1, 1] map, i.e. one mean and
+        # variance (and gain and bias) per feature.
+        first = bottom * bottom * widths[0] if dense_bn == "feature" else widths[0]
+        self.bns = nn.ModuleList(ConditionalBatchNorm2d(w, num_classes) for w in (first, *widths[1:]))
         self.deconvs = nn.ModuleList(nn.ConvTranspose2d(a, b, 4, 2, 1)
                                      for a, b in zip(widths, widths[1:]))
         if out_conv3x3:
@@ -79,8 +98,11 @@ class ConvGenerator(nn.Module):
         check_labels(y, self.num_classes, type(self).__name__)
         if self.num_classes == 0:
             y = None
-        h = self.linear(z).view(z.shape[0], -1, self.bottom, self.bottom)
-        h = F.relu(self.bns[0](h, y))
+        h = self.linear(z)
+        if self.dense_bn == "feature":
+            h = F.relu(self.bns[0](h.view(z.shape[0], -1, 1, 1), y)).view(z.shape[0], -1, self.bottom, self.bottom)
+        else:
+            h = F.relu(self.bns[0](h.view(z.shape[0], -1, self.bottom, self.bottom), y))
         for deconv, bn in zip(self.deconvs, self.bns[1:]):
             h = F.relu(bn(deconv(h), y))
         return torch.tanh(self.out(h))
@@ -128,46 +150,49 @@ def _standard_cnn_d(ch: int, code_layout: bool = False):
 
 
 @register_generator("cnn32")
-def cnn32_generator(num_classes: int = 0, ch: int = 64, z_dim: int = 128) -> ConvGenerator:
-    return ConvGenerator([ch * 8, ch * 4, ch * 2, ch], 4, True, num_classes, z_dim)
+def cnn32_generator(num_classes: int = 0, ch: int = 64, z_dim: int = 128, dense_bn: str = "channel",
+                    z_dist: str = "normal") -> ConvGenerator:
+    return ConvGenerator([ch * 8, ch * 4, ch * 2, ch], 4, True, num_classes, z_dim, dense_bn, z_dist)
 
 
 @register_discriminator("cnn32")
 def cnn32_discriminator(num_classes: int = 0, ch: int = 64, norm: str = "sn",
-                        n_power_iterations: int = 1) -> ConvDiscriminator:
-    return ConvDiscriminator(_standard_cnn_d(ch), 32, 0.1, num_classes, norm, n_power_iterations)
+                        n_power_iterations: int = 1, slope: float = 0.1) -> ConvDiscriminator:
+    return ConvDiscriminator(_standard_cnn_d(ch), 32, slope, num_classes, norm, n_power_iterations)
 
 
 @register_discriminator("cnn32code")
 def cnn32code_discriminator(num_classes: int = 0, ch: int = 64, norm: str = "sn",
-                            n_power_iterations: int = 1) -> ConvDiscriminator:
-    return ConvDiscriminator(_standard_cnn_d(ch, code_layout=True), 32, 0.1, num_classes, norm, n_power_iterations)
+                            n_power_iterations: int = 1, slope: float = 0.1) -> ConvDiscriminator:
+    return ConvDiscriminator(_standard_cnn_d(ch, code_layout=True), 32, slope, num_classes, norm, n_power_iterations)
 
 
 @register_generator("cnn48")
-def cnn48_generator(num_classes: int = 0, ch: int = 64, z_dim: int = 128) -> ConvGenerator:
-    return ConvGenerator([ch * 8, ch * 4, ch * 2, ch], 6, True, num_classes, z_dim)
+def cnn48_generator(num_classes: int = 0, ch: int = 64, z_dim: int = 128, dense_bn: str = "channel",
+                    z_dist: str = "normal") -> ConvGenerator:
+    return ConvGenerator([ch * 8, ch * 4, ch * 2, ch], 6, True, num_classes, z_dim, dense_bn, z_dist)
 
 
 @register_discriminator("cnn48")
 def cnn48_discriminator(num_classes: int = 0, ch: int = 64, norm: str = "sn",
-                        n_power_iterations: int = 1) -> ConvDiscriminator:
-    return ConvDiscriminator(_standard_cnn_d(ch), 48, 0.1, num_classes, norm, n_power_iterations)
+                        n_power_iterations: int = 1, slope: float = 0.1) -> ConvDiscriminator:
+    return ConvDiscriminator(_standard_cnn_d(ch), 48, slope, num_classes, norm, n_power_iterations)
 
 
 @register_discriminator("cnn48code")
 def cnn48code_discriminator(num_classes: int = 0, ch: int = 64, norm: str = "sn",
-                            n_power_iterations: int = 1) -> ConvDiscriminator:
-    return ConvDiscriminator(_standard_cnn_d(ch, code_layout=True), 48, 0.1, num_classes, norm, n_power_iterations)
+                            n_power_iterations: int = 1, slope: float = 0.1) -> ConvDiscriminator:
+    return ConvDiscriminator(_standard_cnn_d(ch, code_layout=True), 48, slope, num_classes, norm, n_power_iterations)
 
 
 @register_generator("dcgan32")
-def dcgan32_generator(num_classes: int = 0, ch: int = 64, z_dim: int = 128) -> ConvGenerator:
-    return ConvGenerator([ch * 4, ch * 2, ch], 4, False, num_classes, z_dim)
+def dcgan32_generator(num_classes: int = 0, ch: int = 64, z_dim: int = 128, dense_bn: str = "channel",
+                      z_dist: str = "normal") -> ConvGenerator:
+    return ConvGenerator([ch * 4, ch * 2, ch], 4, False, num_classes, z_dim, dense_bn, z_dist)
 
 
 @register_discriminator("dcgan32")
 def dcgan32_discriminator(num_classes: int = 0, ch: int = 64, norm: str = "sn",
-                          n_power_iterations: int = 1, batchnorm: bool = False) -> ConvDiscriminator:
+                          n_power_iterations: int = 1, batchnorm: bool = False, slope: float = 0.2) -> ConvDiscriminator:
     convs = [(ch, 4, 2), (ch * 2, 4, 2), (ch * 4, 4, 2)]
-    return ConvDiscriminator(convs, 32, 0.2, num_classes, norm, n_power_iterations, batchnorm)
+    return ConvDiscriminator(convs, 32, slope, num_classes, norm, n_power_iterations, batchnorm)

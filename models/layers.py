@@ -25,7 +25,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from .spectral_norm import spectral_norm
 
-__all__ = ["NORMS", "apply_norm", "DLayers", "GBatchNorm2d", "set_bn_splits", "ConditionalBatchNorm2d", "ProjectionHead",
+__all__ = ["NORMS", "Z_DISTS", "sample_z", "apply_norm", "DLayers", "GBatchNorm2d", "set_bn_splits", "ConditionalBatchNorm2d", "ProjectionHead",
            "xavier_init", "normal_init", "check_labels"]
 
 NORMS = ("sn", "wn", "none")
@@ -110,6 +110,20 @@ def check_labels(y: Optional[torch.Tensor], num_classes: int, who: str) -> None:
                          f"an int64 tensor of shape [B] with values in [0, {num_classes})")
 
 
+Z_DISTS = ("normal", "uniform")
+
+
+def sample_z(n: int, z_dim: int, dist: str = "normal", generator: Optional[torch.Generator] = None,
+             device=None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``[n, z_dim]`` latents: N(0, I) (``"normal"``) or U[-1, 1) (``"uniform"``, chainer-gan-lib's
+    default for its standard-CNN generator). A generator's own choice is its ``z_dist`` attribute."""
+    if dist == "normal":
+        return torch.randn(n, z_dim, generator=generator, device=device, dtype=dtype)
+    if dist == "uniform":
+        return torch.rand(n, z_dim, generator=generator, device=device, dtype=dtype).mul_(2).sub_(1)
+    raise ValueError(f"unknown latent distribution {dist!r}; valid: {', '.join(Z_DISTS)}")
+
+
 BN_EPS = 2e-5   # Chainer's BatchNormalization default, used by the official code (see docs/fidelity.md)
 
 
@@ -133,7 +147,7 @@ class GBatchNorm2d(nn.BatchNorm2d):
         if not self.training or k <= 1 or n % k or n // k < 2:
             return super().forward(x)
         c = x.shape[1]
-        xs = x.float().reshape(k, n // k, c, *x.shape[2:])
+        xs = (x if x.dtype == torch.float64 else x.float()).reshape(k, n // k, c, *x.shape[2:])
         dims = (1, *range(3, xs.dim()))
         var, mean = torch.var_mean(xs, dim=dims, unbiased=False, keepdim=True)
         out = ((xs - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
@@ -155,6 +169,16 @@ def set_bn_splits(model: nn.Module, splits: int) -> int:
     for m in model.modules():
         if isinstance(m, GBatchNorm2d):
             m.splits = splits
+            count += 1
+    return count
+
+
+def set_bn_eps(model: nn.Module, eps: float) -> int:
+    """Set ``eps`` on every :class:`GBatchNorm2d` of ``model`` (the trainer's ``model.bn_eps``)."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, GBatchNorm2d):
+            m.eps = eps
             count += 1
     return count
 

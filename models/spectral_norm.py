@@ -6,10 +6,21 @@ reshaped to a (out, -1) matrix, estimated by power iteration with persistent vec
 Design choices:
 - It is a ``torch.nn.utils.parametrize`` parametrization, so ``module.weight`` *is* the normalized
   weight and the raw weight lives in ``module.parametrizations.weight.original``.
-- fp32 always: the power iteration and sigma run in float32 with autocast disabled, whatever the
-  layer's dtype or the surrounding autocast region; only the final W_SN is cast back to the
-  weight's own dtype (autocast then casts it to the compute dtype inside the conv/linear). PyTorch's
-  own ``parametrizations.spectral_norm`` runs ``mv`` under autocast, i.e. in fp16/bf16.
+- The official computation by default (``iteration="official"``): per forward, from the stored u,
+  v = W^T u / (||W^T u|| + eps), u = W v / (||W v|| + eps), sigma = u^T W v, as
+  ``source/functions/max_sv.py`` of the official Chainer code (sngan_projection, chainer-gan-lib) and,
+  up to eps placement, ``torch.nn.utils.spectral_norm`` (``iteration="torch"``: x / max(||x||, eps),
+  which moves each normalization by ~1e-11 relative). u starts as a random N(0, 1) vector with no
+  warm-up, as there. ``iteration="uv"`` is the order of torch's newer
+  ``parametrizations.spectral_norm`` (u from the stored v, then v, sigma = ||W^T u||); with the same
+  start it gives another sigma, and the two estimators drift apart as W moves (tests/test_golden.py
+  measures what that does to a training trajectory). ``warmup_iterations`` > 0 refines u at
+  construction (sigma accurate from the first step; not the official behaviour).
+- fp32 at least: the power iteration and sigma run in float32 with autocast disabled, whatever the
+  layer's dtype or the surrounding autocast region (float64 weights stay float64: nothing is cast
+  down); only the final W_SN is cast back to the weight's own dtype (autocast then casts it to the
+  compute dtype inside the conv/linear). PyTorch's own ``parametrizations.spectral_norm`` runs
+  ``mv`` under autocast, i.e. in fp16/bf16.
 - Gradient: sigma = u^T W v with u, v treated as constants, which is the paper's gradient
   (d sigma / dW = u v^T, Eq. 10-12); once u, v have converged this equals the gradient of the exact
   spectral norm. The backward of W / sigma is written out in closed form (``_DivideBySigma``):
@@ -37,7 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["SpectralNorm", "spectral_norm", "remove_spectral_norm", "spectral_norm_layers", "sigmas"]
+__all__ = ["SpectralNorm", "spectral_norm", "remove_spectral_norm", "spectral_norm_layers", "sigmas",
+           "configure_spectral_norm", "ITERATIONS"]
+
+ITERATIONS = ("official", "torch", "uv")
 
 
 def _default_dim(module: nn.Module) -> int:
@@ -55,25 +69,41 @@ def _fp32_region(device_type: str):
     return contextlib.nullcontext()
 
 
-def _power_iteration(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int,
-                     eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``n >= 1`` power-iteration steps on the fp32 matrix ``w`` (no graph: ``w`` is detached).
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 for a float64 tensor: the power iteration never runs below fp32 and never
+    casts a float64 model down."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _power_iteration(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int, eps: float,
+                     order: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n >= 1`` power-iteration steps on the matrix ``w`` (no graph: ``w`` is detached).
 
     The buffers u, v are updated in place; the returned u, v are *fresh* tensors with the same
-    values (what the autograd graph may keep), and sigma = ||W^T u||, which equals u^T W v for the
-    returned pair since v = W^T u / ||W^T u|| (one matrix-vector product less than computing it).
+    values (what the autograd graph may keep), and sigma = u^T W v for the returned pair.
 
-    PyTorch's order (u from v, then v from u), so that a (u, v) state copied from
-    ``torch.nn.utils.parametrizations.spectral_norm`` gives the same outputs. The paper's
-    Algorithm 1 updates v first; it is the same alternating iteration shifted by half a step.
+    ``order`` is the index in ``ITERATIONS``. 0, official: v = W^T u / (||W^T u|| + eps),
+    u = W v / (||W v|| + eps), sigma = u . (W v) (Algorithm 1 of the paper, as the official
+    ``max_sv.py``). 1, torch: the same with x / max(||x||, eps) (``torch.nn.utils.spectral_norm``).
+    2, uv: torch's parametrization order: u = W v / max(||W v||, eps) from the stored v, then
+    v = W^T u / max(||W^T u||, eps), sigma = ||W^T u|| (equal to u^T W v for that pair).
     """
-    v_new = v
+    u_new, v_new = u, v
     for _ in range(n):
-        wv = torch.mv(w, v_new)
-        u_new = wv / torch.linalg.vector_norm(wv).clamp_min(eps)
-        wtu = torch.mv(w.t(), u_new)
-        sigma = torch.linalg.vector_norm(wtu)
-        v_new = wtu / sigma.clamp_min(eps)
+        if order < 2:
+            wtu = torch.mv(w.t(), u_new)
+            norm = torch.linalg.vector_norm(wtu)
+            v_new = wtu / (norm + eps if order == 0 else norm.clamp_min(eps))
+            wv = torch.mv(w, v_new)
+            norm = torch.linalg.vector_norm(wv)
+            u_new = wv / (norm + eps if order == 0 else norm.clamp_min(eps))
+            sigma = torch.dot(u_new, wv)
+        else:
+            wv = torch.mv(w, v_new)
+            u_new = wv / torch.linalg.vector_norm(wv).clamp_min(eps)
+            wtu = torch.mv(w.t(), u_new)
+            sigma = torch.linalg.vector_norm(wtu)
+            v_new = wtu / sigma.clamp_min(eps)
     u.copy_(u_new)
     v.copy_(v_new)
     return u_new, v_new, sigma
@@ -81,7 +111,7 @@ def _power_iteration(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int,
 
 @torch.library.custom_op("sngan::sn_power_iteration", mutates_args=("u", "v"))
 def _power_iteration_op(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int,
-                        eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        eps: float, order: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``_power_iteration`` as one opaque op, used under ``torch.compile`` only.
 
     With plain tensor ops inside a compiled graph, AOTAutograd's partitioner may save the u/v
@@ -93,11 +123,11 @@ def _power_iteration_op(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: in
     with torch.no_grad(), _fp32_region(w.device.type):
         if n == 0:  # eval mode
             return u.clone(), v.clone(), _sigma(w, u, v)
-        return _power_iteration(w, u, v, n, eps)
+        return _power_iteration(w, u, v, n, eps, order)
 
 
 @_power_iteration_op.register_fake
-def _power_iteration_fake(w, u, v, n, eps):
+def _power_iteration_fake(w, u, v, n, eps, order):
     return torch.empty_like(u), torch.empty_like(v), w.new_empty(())
 
 
@@ -167,16 +197,19 @@ class SpectralNorm(nn.Module):
     """Parametrization W -> W / sigma(W) with an fp32 power iteration (see the module docstring)."""
 
     def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0,
-                 eps: float = 1e-12, warmup_iterations: int = 15) -> None:
+                 eps: float = 1e-12, warmup_iterations: int = 0, iteration: str = "official") -> None:
         super().__init__()
         if n_power_iterations < 1:
             raise ValueError(f"n_power_iterations must be >= 1, got {n_power_iterations}")
+        if iteration not in ITERATIONS:
+            raise ValueError(f"iteration={iteration!r}; valid: {', '.join(ITERATIONS)}")
         ndim = weight.ndim
         if not -ndim <= dim < ndim:
             raise ValueError(f"dim={dim} out of range for a weight of shape {tuple(weight.shape)}")
         self.dim = dim % ndim if ndim else 0
         self.n_power_iterations = n_power_iterations
         self.eps = eps
+        self.iteration = iteration
         w = self._as_matrix(weight.detach())
         h, wd = w.shape
         u = F.normalize(w.new_empty(h).normal_(0, 1), dim=0, eps=eps)
@@ -184,38 +217,45 @@ class SpectralNorm(nn.Module):
         self.register_buffer("_u", u)
         self.register_buffer("_v", v)
         # sigma of the raw weight from the last forward (for logging; not used for compute).
-        self.register_buffer("sigma", torch.ones((), dtype=torch.float32))
-        if not w.is_meta:  # a meta (structure-only) model has no values to iterate on
-            self._power_method(w, warmup_iterations)
+        self.register_buffer("sigma", torch.ones((), dtype=w.dtype))
+        if warmup_iterations and not w.is_meta:  # a meta (structure-only) model has no values to iterate on
+            self.warm_up(warmup_iterations, weight)
 
     def _apply(self, fn, recurse=True):
         # ``module.to(torch.bfloat16)`` / ``.half()`` cast floating buffers too; u, v and sigma must
         # stay fp32 (and keep their fp32 values, not a bf16 round trip), so only the device change
-        # of ``fn`` is kept for them.
+        # of ``fn`` is kept for them. ``.double()`` makes them float64 with the weights.
         before = {k: b for k, b in self._buffers.items() if b is not None}
         super()._apply(fn, recurse)
         for key, old in before.items():
             new = self._buffers[key]
-            if new is not None and new.dtype != torch.float32:
+            if new is not None and new.dtype not in (torch.float32, torch.float64):
                 self._buffers[key] = old.to(device=new.device, dtype=torch.float32)
         return self
 
+    @property
+    def order(self) -> int:
+        return ITERATIONS.index(self.iteration)
+
     def _as_matrix(self, weight: torch.Tensor) -> torch.Tensor:
-        return _matrix(weight.float(), self.dim)
+        return _matrix(_wide(weight), self.dim)
 
     @torch.no_grad()
-    def _power_method(self, w: torch.Tensor, n: int) -> None:
-        _power_iteration(w, self._u, self._v, n, self.eps)
+    def warm_up(self, n: int, weight: torch.Tensor) -> None:
+        """``n`` power-iteration steps on ``weight`` (the raw weight), refining u and v."""
+        w = self._as_matrix(weight.detach()).to(self._u.dtype)
+        _power_iteration(w, self._u, self._v, n, self.eps, self.order)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         with _fp32_region(weight.device.type):
-            w32 = weight.float()
+            w32 = _wide(weight)
             w = _matrix(w32.detach(), self.dim)
             if torch.compiler.is_compiling():
                 # An opaque op (see ``_power_iteration_op``): the graph gets fresh u, v that the
                 # compiler can neither recompute from nor alias to the buffers.
                 n = self.n_power_iterations if self.training else 0
-                u, v, sigma = torch.ops.sngan.sn_power_iteration(w, self._u, self._v, n, self.eps)
+                u, v, sigma = torch.ops.sngan.sn_power_iteration(w, self._u, self._v, n, self.eps,
+                                                                 self.order)
             elif not self.training:
                 # Clones: the graph must not hold the buffers that DDP may overwrite.
                 u, v = self._u.clone(), self._v.clone()
@@ -223,17 +263,19 @@ class SpectralNorm(nn.Module):
             else:
                 # Fresh u, v: the next forward and DDP's broadcast overwrite the buffers only.
                 u, v, sigma = _power_iteration(w, self._u, self._v, self.n_power_iterations,
-                                               self.eps)
+                                               self.eps, self.order)
             w_sn, sigma = _DivideBySigma.apply(w32, u, v, sigma, self.dim)
             self.sigma.copy_(sigma.detach())
         return w_sn.to(weight.dtype)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, n_power_iterations={self.n_power_iterations}, eps={self.eps}"
+        return (f"dim={self.dim}, n_power_iterations={self.n_power_iterations}, eps={self.eps}, "
+                f"iteration={self.iteration}")
 
 
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1,
-                  eps: float = 1e-12, dim: int | None = None, warmup_iterations: int = 15) -> nn.Module:
+                  eps: float = 1e-12, dim: int | None = None, warmup_iterations: int = 0,
+                  iteration: str = "official") -> nn.Module:
     """Apply spectral normalization to ``module.<name>`` in place and return the module.
 
     Works for Linear, Conv1d/2d/3d, ConvTranspose (normalizing over the output dim) and Embedding.
@@ -247,7 +289,7 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     if dim is None:
         dim = _default_dim(module)
     parametrize.register_parametrization(
-        module, name, SpectralNorm(weight, n_power_iterations, dim, eps, warmup_iterations))
+        module, name, SpectralNorm(weight, n_power_iterations, dim, eps, warmup_iterations, iteration))
     return module
 
 
@@ -269,3 +311,22 @@ def spectral_norm_layers(model: nn.Module) -> Iterator[Tuple[str, SpectralNorm]]
 def sigmas(model: nn.Module) -> Dict[str, float]:
     """sigma(W) of the raw weight of each SN layer, as last estimated (for logging)."""
     return {name: float(sn.sigma) for name, sn in spectral_norm_layers(model)}
+
+
+def configure_spectral_norm(model: nn.Module, iteration: str = "official", warmup_iterations: int = 0) -> int:
+    """Set the power-iteration order of every SN layer of ``model`` and run ``warmup_iterations``
+    steps on each (the trainer's ``model.sn_iteration`` / ``model.sn_warmup``); returns the count."""
+    if iteration not in ITERATIONS:
+        raise ValueError(f"iteration={iteration!r}; valid: {', '.join(ITERATIONS)}")
+    count = 0
+    for module in model.modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for name, plist in module.parametrizations.items():
+            for sn in plist:
+                if isinstance(sn, SpectralNorm):
+                    sn.iteration = iteration
+                    if warmup_iterations and not plist.original.is_meta:
+                        sn.warm_up(warmup_iterations, plist.original)
+                    count += 1
+    return count

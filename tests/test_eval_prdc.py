@@ -248,7 +248,7 @@ def test_compare_verdict_uses_recall():
     assert "| precision | recall | var. ratio | works? |" in text and "| 0.70 | 0.60 | 0.05 | works |" in text
     assert "recall >= 0.25" in text
     from eval import compare
-    assert compare.main(["--suite", "seeds", "--quick", "--min-recall", "1.5", "--rows", "cifar10_dcgan"]) == 2
+    assert compare.main(["--suite", "paper", "--quick", "--min-recall", "1.5", "--rows", "cifar10_dcgan"]) == 2
 
 
 def test_scorer_recall_detects_a_collapsed_set_of_real_images(env):

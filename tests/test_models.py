@@ -57,9 +57,12 @@ D_DEFAULT_CH = {"cnn32": 64, "cnn48": 64, "dcgan32": 64, "resnet32": 128, "resne
 CODE_LAYOUT_D = ["cnn32code", "cnn48code"]   # discriminators only: the official code's standard CNN
 
 
+SEEDS_G, SEEDS_D = ["pgc_dcgan32"], ["pgc_dcgan32", "pgc_resnet32"]   # models/seeds.py (tests/test_seeds_suite.py)
+
+
 def test_registry_names():
-    assert generator_names() == sorted(ARCHS)
-    assert discriminator_names() == sorted(ARCHS + CODE_LAYOUT_D)
+    assert generator_names() == sorted(ARCHS + SEEDS_G)
+    assert discriminator_names() == sorted(ARCHS + CODE_LAYOUT_D + SEEDS_D)
 
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["uncond", "cond"])

@@ -77,7 +77,7 @@ def test_matches_torch_spectral_norm_given_same_u(kind, n_power_iterations):
     torch.manual_seed(1)
     factory, _ = LAYERS[kind]
     base = factory()
-    ours = spectral_norm(copy.deepcopy(base), n_power_iterations=n_power_iterations)
+    ours = spectral_norm(copy.deepcopy(base), n_power_iterations=n_power_iterations, iteration="uv")
     theirs = torch_spectral_norm(copy.deepcopy(base), n_power_iterations=n_power_iterations)
     with torch.no_grad():  # a far-from-converged state, so a different update order would show
         _sn(ours)._u.copy_(F.normalize(torch.randn_like(_sn(ours)._u), dim=0))
@@ -96,6 +96,68 @@ def test_matches_torch_spectral_norm_given_same_u(kind, n_power_iterations):
         (out_ours * target).sum().backward()
         (out_theirs * target).sum().backward()
         torch.testing.assert_close(_raw(ours).grad, _raw(theirs).grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "embedding"])
+def test_official_iteration_matches_the_old_torch_spectral_norm_in_float64(kind):
+    """The default order is the official code's (v from u, then u, sigma = u^T W v), which is also
+    ``torch.nn.utils.spectral_norm``'s (eps placement aside: x / max(||x||, eps) there): the same u
+    gives the same outputs, u and gradients over several training forwards, to float64 rounding."""
+    from torch.nn.utils import spectral_norm as old_torch_spectral_norm
+    torch.manual_seed(3)
+    factory, _ = LAYERS[kind]
+    base = factory().double()
+    ours = spectral_norm(copy.deepcopy(base), iteration="torch")
+    official = spectral_norm(copy.deepcopy(base))
+    theirs = old_torch_spectral_norm(copy.deepcopy(base))
+    assert _raw(ours).dtype == torch.float64 and _sn(ours)._u.dtype == torch.float64
+    with torch.no_grad():
+        theirs.weight_u.copy_(_sn(ours)._u)
+        _sn(official)._u.copy_(_sn(ours)._u)
+    x = _input_for(base)
+    x = x if kind == "embedding" else x.double()
+    for _ in range(4):
+        out_ours, out_theirs = ours(x), theirs(x)
+        torch.testing.assert_close(out_ours, out_theirs, rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(_sn(ours)._u, theirs.weight_u, rtol=1e-13, atol=1e-14)
+        # The official eps placement, x / (||x|| + eps): eps = 1e-12 on norms of about 0.1-1 moves
+        # each normalization by ~1e-11 relative, and nothing else differs.
+        torch.testing.assert_close(official(x), out_theirs, rtol=1e-9, atol=1e-11)
+        target = torch.randn_like(out_ours)
+        (out_ours * target).sum().backward()
+        (out_theirs * target).sum().backward()
+        torch.testing.assert_close(_raw(ours).grad, theirs.weight_orig.grad, rtol=1e-12, atol=1e-13)
+        with torch.no_grad():  # move W as training would, so a stale-u estimator would drift
+            _raw(official).copy_(_raw(ours) - 0.05 * _raw(ours).grad)
+            for w in (_raw(ours), theirs.weight_orig):
+                w.sub_(0.05 * w.grad)
+                w.grad = None
+
+
+def test_official_iteration_is_algorithm_1_with_eps_in_the_denominator():
+    """One forward against the paper's Algorithm 1 written out in numpy, eps added to the norm as
+    the official ``max_sv.py`` does."""
+    import numpy as np
+    torch.manual_seed(4)
+    layer = spectral_norm(nn.Linear(7, 5).double())
+    w = _raw(layer).detach().numpy().copy()
+    u = _sn(layer)._u.numpy().copy() * 3.0        # the official u is not normalized
+    with torch.no_grad():
+        _sn(layer)._u.copy_(torch.from_numpy(u))
+    v = w.T @ u
+    v = v / (np.sqrt((v * v).sum()) + 1e-12)
+    u_new = w @ v
+    u_new = u_new / (np.sqrt((u_new * u_new).sum()) + 1e-12)
+    sigma = u_new @ w @ v
+    w_sn = layer.weight.detach().numpy()
+    np.testing.assert_allclose(w_sn, w / sigma, rtol=1e-13)
+    np.testing.assert_allclose(_sn(layer)._u.numpy(), u_new, rtol=1e-13)
+    # A different order (torch's parametrization) gives another W_SN from the same state.
+    other = spectral_norm(nn.Linear(7, 5).double(), iteration="uv")
+    with torch.no_grad():
+        _raw(other).copy_(_raw(layer))
+        _sn(other)._u.copy_(torch.from_numpy(u))
+    assert float(np.max(np.abs(other.weight.detach().numpy() - w_sn))) > 1e-6
 
 
 def test_bf16_autocast_keeps_power_iteration_fp32():
@@ -128,8 +190,8 @@ def test_bf16_weights_still_iterate_in_fp32():
     assert out.dtype == torch.bfloat16
     # Reference: one fp64 power iteration from the same (u, v) on the bf16 weight.
     w = _raw(conv).detach().double().reshape(16, -1)
-    u = F.normalize(w @ v_before.double(), dim=0)
-    v = F.normalize(w.t() @ u, dim=0)
+    v = F.normalize(w.t() @ u_before.double(), dim=0)   # the official order: v from u, then u
+    u = F.normalize(w @ v, dim=0)
     sigma = u @ w @ v
     assert float(sn.sigma) == pytest.approx(float(sigma), rel=1e-5)
 
@@ -239,7 +301,7 @@ def test_backward_passes_gradcheck(shape, dim):
 def test_gradient_penalty_through_sn_matches_torch():
     torch.manual_seed(9)
     base = nn.Conv2d(3, 4, 3)
-    ours, theirs = spectral_norm(copy.deepcopy(base)), torch_spectral_norm(copy.deepcopy(base))
+    ours, theirs = spectral_norm(copy.deepcopy(base), iteration="uv"), torch_spectral_norm(copy.deepcopy(base))
     with torch.no_grad():
         _sn(theirs)._u.copy_(_sn(ours)._u)
         _sn(theirs)._v.copy_(_sn(ours)._v)

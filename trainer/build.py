@@ -20,6 +20,11 @@ def generator_kwargs(cfg: Config) -> dict:
     ch = cfg.model.g_ch or cfg.model.ch
     if ch:
         kw["ch"] = ch
+    # Standard-CNN options, passed only when set (other generators do not take them).
+    if cfg.model.g_dense_bn != "channel":
+        kw["dense_bn"] = cfg.model.g_dense_bn
+    if cfg.model.z_dist != "normal":
+        kw["z_dist"] = cfg.model.z_dist
     return kw
 
 
@@ -30,6 +35,8 @@ def discriminator_kwargs(cfg: Config, constraint: DConstraint) -> dict:
     ch = cfg.model.d_ch or cfg.model.ch
     if ch:
         kw["ch"] = ch
+    if cfg.model.d_slope:
+        kw["slope"] = cfg.model.d_slope
     return kw
 
 
@@ -68,6 +75,13 @@ def compile_models(cfg: Config, parts: "Parts") -> None:
     parts.D.compile()
 
 
+def configure_models(cfg: Config, G: nn.Module, D: nn.Module) -> None:
+    """The computation choices that are not architecture: SN's power-iteration order and warm-up,
+    G's BatchNorm eps (docs/fidelity.md)."""
+    models.configure_spectral_norm(D, cfg.model.sn_iteration, cfg.model.sn_warmup)
+    models.set_bn_eps(G, cfg.model.bn_eps)
+
+
 def build_parts(cfg: Config, device: torch.device) -> Parts:
     constraint = build_constraint(cfg.model.d_constraint, cfg.loss.gp_weight, cfg.loss.orth_weight,
                                   cfg.loss.clip_value)
@@ -76,6 +90,7 @@ def build_parts(cfg: Config, device: torch.device) -> Parts:
     torch.manual_seed(cfg.train.seed)
     G = models.build_generator(cfg.model.g, **g_kwargs).to(device)
     D = models.build_discriminator(cfg.model.d, **d_kwargs).to(device)
+    configure_models(cfg, G, D)
     if cfg.train.channels_last:
         G = G.to(memory_format=torch.channels_last)
         D = D.to(memory_format=torch.channels_last)
@@ -102,7 +117,11 @@ def make_optimizer(cfg: Config, module: nn.Module, lr: float, device: torch.devi
         if "fused" in kernels:   # torch has no fused RMSprop: foreach is the fast path there
             kernels = {"foreach": True}
         return torch.optim.RMSprop(module.parameters(), lr=lr, **kernels)
-    return torch.optim.Adam(module.parameters(), lr=lr, betas=(o.beta1, o.beta2), **kernels)
+    if o.adam == "chainer":
+        from .optim import ChainerAdam
+        return ChainerAdam(module.parameters(), lr=lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                           foreach="loop" != o.implementation)
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, **kernels)
 
 
 def lr_factor(cfg: Config, step: int) -> float:

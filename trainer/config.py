@@ -39,10 +39,23 @@ class ModelConfig:
     # How D is constrained (SN-GAN paper, Sec. 4 comparison): sn | wn | orth | clip | gp | none
     d_constraint: str = "sn"
     n_power_iterations: int = 1
+    # Spectral norm's power iteration: official = v from u, then u, sigma = u^T W v, x / (||x|| + eps)
+    # (the official Chainer code); torch = the same with x / max(||x||, eps) (torch.nn.utils.spectral_norm);
+    # uv = torch's parametrizations.spectral_norm order (u from the stored v first). docs/fidelity.md.
+    sn_iteration: str = "official"
+    sn_warmup: int = 0            # power-iteration steps on each SN weight at construction (official: 0)
+    bn_eps: float = 2e-5          # G's BatchNorm eps (2e-5: Chainer's default, the official code; torch's is 1e-5)
     # G's BatchNorm statistics as on this many processes: each rank's batch is cut into
     # bn_world / world_size slices with statistics of their own (the official ImageNet runs used 4
     # GPUs with per-GPU statistics). 0 = statistics over each rank's whole batch.
     bn_world: int = 0
+    # Standard-CNN options (models/cnn.py), chainer-gan-lib's choices in cifar10_sngan_cnn:
+    # G's BN after the dense layer per channel of the reshaped map or per feature (CGL common/net.py:75);
+    # D's leaky-ReLU slope (0 = the architecture's default: 0.1 cnn*, 0.2 dcgan32; CGL: 0.2);
+    # the latent distribution, N(0, I) or U[-1, 1] (CGL's default, common/net.py:56).
+    g_dense_bn: str = "channel"
+    d_slope: float = 0.0
+    z_dist: str = "normal"
 
 
 @dataclass
@@ -56,6 +69,10 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     name: str = "adam"            # adam | rmsprop (RMSprop is the original WGAN's optimizer)
+    # Adam's eps placement: chainer = lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps), as the official
+    # Chainer code; torch = torch.optim.Adam, lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps).
+    adam: str = "chainer"
+    eps: float = 1e-8             # Adam's eps (both placements)
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     beta1: float = 0.0
@@ -74,6 +91,9 @@ class TrainConfig:
     batch_size: int = 64          # global D batch (real images per D step, summed over ranks)
     g_batch_size: int = 0         # global G batch per G step; 0 = batch_size
     n_dis: int = 5                # D steps per G step
+    # Order within an iteration: g_first = one G step, then n_dis D steps (the official Chainer
+    # updaters); d_first = n_dis D steps, then G (pytorch-gan-collections, most PyTorch code).
+    update_order: str = "g_first"
     precision: str = "fp32"       # fp32 | bf16 | fp16 (fp16 uses a grad scaler)
     # TF32 for fp32 runs on Ampere+ GPUs (matmuls and convolutions with a 10-bit mantissa): off by
     # default, so that "fp32" means fp32; bf16 is the fast path. No effect on CPU.
@@ -128,6 +148,11 @@ CHOICES = {
     "loss.name": ("hinge", "wasserstein", "ns", "minimax"),
     "optim.schedule": ("constant", "linear"),
     "optim.name": ("adam", "rmsprop"),
+    "optim.adam": ("chainer", "torch"),
+    "model.g_dense_bn": ("channel", "feature"),
+    "model.z_dist": ("normal", "uniform"),
+    "model.sn_iteration": ("official", "torch", "uv"),
+    "train.update_order": ("g_first", "d_first"),
     "optim.implementation": ("auto", "fused", "foreach", "loop"),
     "train.eval_metric": ("fid", "kid", "is", "intra_fid"),
     "train.precision": ("fp32", "bf16", "fp16"),
@@ -275,12 +300,13 @@ MIN_INT = {
     "train.log_every": 1, "train.sample_every": 1, "train.ckpt_every": 1, "train.keep_ckpts": 1,
     "train.ema_start_step": 0, "train.compile_max_recompiles": 1, "train.eval_every": 0,
     "train.eval_num_samples": 2, "model.num_classes": 0, "model.ch": 0, "model.g_ch": 0, "model.d_ch": 0,
-    "model.z_dim": 1, "model.n_power_iterations": 1, "model.bn_world": 0, "optim.decay_start": 0, "optim.decay_end": 0,
+    "model.z_dim": 1, "model.n_power_iterations": 1, "model.bn_world": 0,
+    "model.sn_warmup": 0, "optim.decay_start": 0, "optim.decay_end": 0,
     "data.resolution": 1, "data.num_workers": 0, "data.shuffle_buffer": 1, "data.synthetic_size": 1,
 }
 MAX_INT = {"train.batch_size": 1 << 20, "train.g_batch_size": 1 << 20, "train.n_dis": 1000,
            "model.num_classes": 1 << 20, "model.ch": 1 << 14, "model.g_ch": 1 << 14, "model.d_ch": 1 << 14,
-           "model.z_dim": 1 << 16, "model.n_power_iterations": 1000, "data.resolution": 4096,
+           "model.z_dim": 1 << 16, "model.n_power_iterations": 1000, "model.sn_warmup": 10000, "data.resolution": 4096,
            "data.num_workers": 256}
 # Floats: (key, minimum, strictly greater?, maximum or None, strictly less?)
 FLOAT_RANGES = {
@@ -290,6 +316,8 @@ FLOAT_RANGES = {
     "loss.clip_value": (0.0, True, None, False), "train.ema_half_life_kimg": (0.0, False, None, False),
     "data.random_crop_ratio": (0.0, True, 1.0, False),
     "data.pixel_scale": (127.5, False, 128.0, False),
+    "model.d_slope": (0.0, False, 1.0, True),
+    "optim.eps": (0.0, False, 1.0, False), "model.bn_eps": (0.0, True, 1.0, False),
 }
 
 

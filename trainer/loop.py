@@ -75,6 +75,11 @@ class Phase:
     after_step: Optional[Callable[[nn.Module], None]] = None
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """Logits to at least fp32 for the loss (bf16/fp16 up; a float64 model stays float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _grad_norm(module: nn.Module) -> torch.Tensor:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
@@ -99,6 +104,7 @@ class Loop:
         self.images_per_step = t.n_dis * t.batch_size + g_batch  # real images + G images, global
         self.num_classes = cfg.model.num_classes
         self.z_dim = parts.G.z_dim
+        self.z_dist = getattr(parts.G, "z_dist", "normal")   # model.z_dist (chainer-gan-lib's CNN: uniform)
         self.ckpt_root = os.path.join(run_dir, "checkpoints")
         self.step, self.images_seen = 0, 0
         self.gen = torch.Generator(device).manual_seed(t.seed * 1000 + self.rank + 1)
@@ -109,12 +115,14 @@ class Loop:
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
         self.autocast = dict(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
         scaler_on = t.precision == "fp16"
-        self.phases: List[Phase] = [
-            Phase("D", parts.D, parts.G, parts.opt_d, torch.amp.GradScaler(device.type, enabled=scaler_on),
-                  t.n_dis, self._d_loss, parts.constraint.after_step),
-            Phase("G", parts.G, parts.D, parts.opt_g, torch.amp.GradScaler(device.type, enabled=scaler_on),
-                  1, self._g_loss),
-        ]
+        # Checkpoints keep the D phase's scaler as "scaler_d", whatever the order (``_state``).
+        d_phase = Phase("D", parts.D, parts.G, parts.opt_d, torch.amp.GradScaler(device.type, enabled=scaler_on),
+                        t.n_dis, self._d_loss, parts.constraint.after_step)
+        g_phase = Phase("G", parts.G, parts.D, parts.opt_g, torch.amp.GradScaler(device.type, enabled=scaler_on),
+                        1, self._g_loss)
+        # train.update_order: the official updaters run the G step first, then n_dis D steps.
+        self.phases: List[Phase] = [g_phase, d_phase] if t.update_order == "g_first" else [d_phase, g_phase]
+        self.phase = {"D": d_phase, "G": g_phase}
         self.base_lr = {ph.name: [g["lr"] for g in ph.opt.param_groups] for ph in self.phases}
         self.stream = None
         self.data_iter = None
@@ -142,8 +150,23 @@ class Loop:
                         f"{self.g_batch // k} (G step) samples, as on {bn_world} processes (model.bn_world)")
 
     # ----------------------------------------------------------------- inputs
+    # One method per input of a step, so that a replay of recorded inputs (tests/golden/harness.py)
+    # can feed another implementation's exact batches and noise through the same computation.
+    def _d_inputs(self):
+        """Real images and labels, then the latents and labels of the D step's fakes."""
+        real, y_real = self._real()
+        z, y_fake = self._latents(self.d_batch)
+        return real, y_real, z, y_fake
+
+    def _g_inputs(self):
+        return self._latents(self.g_batch)
+
+    def _gp_alpha(self, n: int) -> torch.Tensor:
+        """WGAN-GP's interpolation weights, one per sample, from the run's checkpointed generator."""
+        return torch.rand(n, device=self.device, generator=self.gen)
+
     def _latents(self, n: int):
-        z = torch.randn(n, self.z_dim, device=self.device, generator=self.gen)
+        z = models.sample_z(n, self.z_dim, self.z_dist, generator=self.gen, device=self.device)
         y = (torch.randint(self.num_classes, (n,), device=self.device, generator=self.gen)
              if self.num_classes > 0 else None)
         return z, y
@@ -163,28 +186,28 @@ class Loop:
 
     # ----------------------------------------------------------------- losses
     def _d_loss(self) -> torch.Tensor:
-        real, y_real = self._real()
-        z, y_fake = self._latents(self.d_batch)
+        real, y_real, z, y_fake = self._d_inputs()
         with torch.autocast(**self.autocast):
             with torch.no_grad():
                 fake = self.p.G(z, y_fake)
             d_real = self.D_ddp(real, y_real)
             d_fake = self.D_ddp(fake, y_fake)
-            loss = self.p.loss.d_loss(d_real.float(), d_fake.float())
+            loss = self.p.loss.d_loss(_wide(d_real), _wide(d_fake))
             if self.p.constraint.penalty is not None:
-                penalty = self.p.constraint.penalty(self.p.D, real, fake, y_real)
+                alpha = self._gp_alpha(real.shape[0]) if self.p.constraint.name == "gp" else None
+                penalty = self.p.constraint.penalty(self.p.D, real, fake, y_real, alpha)
                 self.stats.report(f"loss/d_{self.p.constraint.name}", penalty)
                 loss = loss + penalty
         self.stats.report("loss/d", loss)
-        self.stats.report("D/real", d_real.float().mean())
-        self.stats.report("D/fake", d_fake.float().mean())
+        self.stats.report("D/real", _wide(d_real).mean())
+        self.stats.report("D/fake", _wide(d_fake).mean())
         return loss
 
     def _g_loss(self) -> torch.Tensor:
-        z, y = self._latents(self.g_batch)
+        z, y = self._g_inputs()
         with torch.autocast(**self.autocast):
             fake = self.G_ddp(z, y)
-            loss = self.p.loss.g_loss(self.p.D(fake, y).float())
+            loss = self.p.loss.g_loss(_wide(self.p.D(fake, y)))
         self.stats.report("loss/g", loss)
         return loss
 
@@ -194,8 +217,8 @@ class Loop:
         state = {"G": p.G.state_dict(), "D": p.D.state_dict(),
                  "opt_g": get_optimizer_state_dict(p.G, p.opt_g),
                  "opt_d": get_optimizer_state_dict(p.D, p.opt_d),
-                 "scaler_d": self.phases[0].scaler.state_dict(),
-                 "scaler_g": self.phases[1].scaler.state_dict(),
+                 "scaler_d": self.phase["D"].scaler.state_dict(),
+                 "scaler_g": self.phase["G"].scaler.state_dict(),
                  "progress": {"step": torch.tensor(self.step), "images_seen": torch.tensor(self.images_seen)}}
         if p.G_ema is not None:
             state["G_ema"] = p.G_ema.state_dict()
@@ -243,7 +266,7 @@ class Loop:
             except (KeyError, ValueError, RuntimeError) as exc:
                 raise checkpoint.CheckpointError(f"{path}: its optimizer states do not fit this optimizer "
                                                  f"({type(exc).__name__}: {exc})") from None
-        for ph, key in zip(self.phases, ("scaler_d", "scaler_g")):
+        for ph, key in ((self.phase["D"], "scaler_d"), (self.phase["G"], "scaler_g")):
             if state[key] and ph.scaler.is_enabled():  # a disabled scaler (fp32/bf16) has no state
                 ph.scaler.load_state_dict(state[key])
         self.step = int(state["progress"]["step"])
@@ -387,7 +410,7 @@ class Loop:
                                     name=cfg.exp, config=flatten(to_dict(cfg)))
         self.in_eval = InTrainingEval(cfg, self.run_dir, enabled=dist.is_main())
         self.in_eval.start()
-        z_fixed, y_fixed = fixed_inputs(self.z_dim, self.num_classes, seed=t.seed)
+        z_fixed, y_fixed = fixed_inputs(self.z_dim, self.num_classes, seed=t.seed, z_dist=self.z_dist)
         bar = None
         if dist.is_main() and t.progress:
             from tqdm import tqdm

@@ -27,13 +27,17 @@ from torch import nn
 
 
 def gradient_penalty(D: nn.Module, real: torch.Tensor, fake: torch.Tensor, y: Optional[torch.Tensor],
-                     weight: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """WGAN-GP on random interpolates x_hat = a * real + (1 - a) * fake, a ~ U[0, 1] per sample."""
-    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, generator=generator, dtype=real.dtype)
+                     weight: float, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """WGAN-GP on random interpolates x_hat = a * real + (1 - a) * fake, a ~ U[0, 1] per sample
+    (``alpha``: the batch's a, drawn by the caller from its checkpointed generator; else here)."""
+    if alpha is None:
+        alpha = torch.rand(real.shape[0], device=real.device)
+    alpha = alpha.to(real.dtype).view(-1, 1, 1, 1)
     x_hat = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
     out = D(x_hat, y)
-    (grad,) = torch.autograd.grad(out.float().sum(), x_hat, create_graph=True)
-    norms = grad.float().flatten(1).norm(dim=1)
+    wide = (lambda t: t) if out.dtype == torch.float64 else (lambda t: t.float())
+    (grad,) = torch.autograd.grad(wide(out).sum(), x_hat, create_graph=True)
+    norms = wide(grad).flatten(1).norm(dim=1)
     return weight * (norms - 1.0).pow(2).mean()
 
 
@@ -51,7 +55,7 @@ def orthonormal_penalty(D: nn.Module, weight: float) -> torch.Tensor:
     """
     total = None
     for w in _weight_matrices(D):
-        w = w.float()
+        w = w if w.dtype == torch.float64 else w.float()
         gram = w @ w.t() if w.shape[0] <= w.shape[1] else w.t() @ w
         eye = torch.eye(gram.shape[0], device=w.device, dtype=w.dtype)
         term = (gram - eye).pow(2).sum()
@@ -71,7 +75,7 @@ def clip_weights(D: nn.Module, c: float) -> None:
 class DConstraint:
     name: str
     layer_norm: str
-    penalty: Optional[Callable[..., torch.Tensor]] = None   # (D, real, fake, y) -> tensor
+    penalty: Optional[Callable[..., torch.Tensor]] = None   # (D, real, fake, y, alpha) -> tensor
     after_step: Optional[Callable[[nn.Module], None]] = None
 
 
@@ -80,9 +84,10 @@ def build_constraint(name: str, gp_weight: float = 10.0, orth_weight: float = 1e
     if name in ("sn", "wn", "none"):
         return DConstraint(name, name)
     if name == "gp":
-        return DConstraint(name, "none", penalty=lambda D, real, fake, y: gradient_penalty(D, real, fake, y, gp_weight))
+        return DConstraint(name, "none", penalty=lambda D, real, fake, y, alpha=None:
+                           gradient_penalty(D, real, fake, y, gp_weight, alpha))
     if name == "orth":
-        return DConstraint(name, "none", penalty=lambda D, real, fake, y: orthonormal_penalty(D, orth_weight))
+        return DConstraint(name, "none", penalty=lambda D, real, fake, y, alpha=None: orthonormal_penalty(D, orth_weight))
     if name == "clip":
         return DConstraint(name, "none", after_step=lambda D: clip_weights(D, clip_value))
     raise ValueError(f"unknown D constraint {name!r}; valid: sn, wn, orth, clip, gp, none")

@@ -173,15 +173,26 @@ def config_of_checkpoint(ckpt: str, meta: Dict[str, Any]) -> Optional[Dict[str, 
     return read_run_config(run_dir)
 
 
+# Keys added with a change of the default computation: a config.yaml written before one of them
+# existed was trained with the value here, so a resume (or eval.compare's reuse) compares against it
+# and names the change instead of silently continuing with another computation.
+LEGACY_VALUES = {
+    "model.sn_iteration": "uv", "model.sn_warmup": 15, "train.update_order": "d_first", "optim.adam": "torch",
+}
+
+
 def config_diff(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
     """``{dotted key: (old, new)}`` for every key whose value differs; a key missing on one side (added
-    or removed by a code change since the run started) is not compared."""
+    or removed by a code change since the run started) is not compared, except those of
+    ``LEGACY_VALUES``, whose absence means the computation before they existed."""
     from .config import flatten
     a, b = flatten(old), flatten(new)
     out = {}
     for key in sorted(set(a) | set(b)):
         if key in IGNORED_KEYS:
             continue
+        if key not in a and key in LEGACY_VALUES:
+            a[key] = LEGACY_VALUES[key]   # the value the code had before the key existed
         if key not in a or key not in b:
             continue  # a key added or removed by a code change: nothing to compare
         if a[key] != b[key]:

@@ -7,9 +7,11 @@ import torchvision
 from torch import nn
 
 
-def fixed_inputs(z_dim: int, num_classes: int, rows: int = 10, cols: int = 10, seed: int = 0):
+def fixed_inputs(z_dim: int, num_classes: int, rows: int = 10, cols: int = 10, seed: int = 0,
+                 z_dist: str = "normal"):
+    from models import sample_z
     g = torch.Generator().manual_seed(seed + 12345)
-    z = torch.randn(rows * cols, z_dim, generator=g)
+    z = sample_z(rows * cols, z_dim, z_dist, generator=g)
     y = None
     if num_classes > 0:
         rows_shown = min(rows, num_classes)
