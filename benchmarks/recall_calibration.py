@@ -23,8 +23,12 @@ from eval.extractors import build_extractor  # noqa: E402
 
 
 def main(argv):
-    ext_name, n = (argv + ["shapes10-cnn", "1000"])[:2] if len(argv) < 2 else argv[:2]
-    n = int(n)
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("extractor", nargs="?", default="shapes10-cnn")
+    p.add_argument("n", nargs="?", type=int, default=1000, help="images per scored set")
+    args = p.parse_args(argv)
+    ext_name, n = args.extractor, args.n
     scorer = Scorer(build_extractor(ext_name), n, batch_size=100)
     t = time.time()
     scorer.set_reference(open_source("synthetic:32"))
