@@ -1,6 +1,6 @@
 """Feature statistics and the metrics computed from them: FID, intra-FID, KID, IS.
 
-Distributed statistics follow STYLE.md practice 5 (edm's ``fid.py``): every rank keeps float64
+Distributed statistics follow ARCHITECTURE.md practice 5 (edm's ``fid.py``): every rank keeps float64
 sufficient statistics ``sum f``, ``sum f f^T`` and a count for each group (the whole set, or one
 group per class for intra-FID), packed in one buffer that a single all_reduce sums exactly. Mean
 and (unbiased, ``n - 1``) covariance follow, as ``numpy.cov`` gives them to pytorch-fid and

@@ -1,7 +1,7 @@
 """Layers shared by the generators and discriminators of the model zoo.
 
 - ``DLayers``: the discriminator's weight layers (conv, linear, embedding) with the normalization
-  chosen once by name and passed into every block (STYLE practice 9). ``"sn"`` is our fp32
+  chosen once by name and passed into every block (ARCHITECTURE.md, practice 9). ``"sn"`` is our fp32
   spectral norm (Miyato et al. 2018, Sec. 2.1), ``"wn"`` is PyTorch's weight normalization
   (Salimans & Kingma 2016, one of the paper's baselines) and ``"none"`` leaves the layer alone; the
   trainer maps constraints applied outside the layers (orthonormal regularization, weight clipping,

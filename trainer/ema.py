@@ -1,7 +1,7 @@
 """Exponential moving average of G with a half-life counted in images.
 
 beta = 0.5 ** (images_per_step / half_life_images), so the averaging horizon stays the same when the
-batch size or the number of ranks changes (STYLE practice 6). Buffers (BN running statistics, SN
+batch size or the number of ranks changes (ARCHITECTURE.md, practice 6). Buffers (BN running statistics, SN
 vectors) are copied, not averaged.
 """
 

@@ -1,4 +1,4 @@
-"""The training loop. The D/G schedule is data: a list of phases (STYLE practice 1).
+"""The training loop. The D/G schedule is data: a list of phases (ARCHITECTURE.md, practice 1).
 
 Each phase names the module it trains, its optimizer and grad scaler, how many times it repeats per
 G iteration (SN-GAN's n_dis for D, 1 for G), and a function that returns its loss. The loop alone
