@@ -149,40 +149,27 @@ def _standard_cnn_d(ch: int, code_layout: bool = False):
     return [(ch * m, k, s) for m, k, s in mults]
 
 
-@register_generator("cnn32")
-def cnn32_generator(num_classes: int = 0, ch: int = 64, z_dim: int = 128, dense_bn: str = "channel",
-                    z_dist: str = "normal") -> ConvGenerator:
-    return ConvGenerator([ch * 8, ch * 4, ch * 2, ch], 4, True, num_classes, z_dim, dense_bn, z_dist)
+def _register_standard_cnn(resolution: int, bottom: int) -> None:
+    """``cnn<R>`` G and D (the table's layout) and ``cnn<R>code`` D (the code's) at one resolution."""
+
+    def generator(num_classes: int = 0, ch: int = 64, z_dim: int = 128, dense_bn: str = "channel",
+                  z_dist: str = "normal") -> ConvGenerator:
+        return ConvGenerator([ch * 8, ch * 4, ch * 2, ch], bottom, True, num_classes, z_dim, dense_bn, z_dist)
+
+    def discriminator(code_layout: bool):
+        def build(num_classes: int = 0, ch: int = 64, norm: str = "sn", n_power_iterations: int = 1,
+                  slope: float = 0.1) -> ConvDiscriminator:
+            return ConvDiscriminator(_standard_cnn_d(ch, code_layout), resolution, slope, num_classes, norm,
+                                     n_power_iterations)
+        return build
+
+    register_generator(f"cnn{resolution}")(generator)
+    register_discriminator(f"cnn{resolution}")(discriminator(False))
+    register_discriminator(f"cnn{resolution}code")(discriminator(True))
 
 
-@register_discriminator("cnn32")
-def cnn32_discriminator(num_classes: int = 0, ch: int = 64, norm: str = "sn",
-                        n_power_iterations: int = 1, slope: float = 0.1) -> ConvDiscriminator:
-    return ConvDiscriminator(_standard_cnn_d(ch), 32, slope, num_classes, norm, n_power_iterations)
-
-
-@register_discriminator("cnn32code")
-def cnn32code_discriminator(num_classes: int = 0, ch: int = 64, norm: str = "sn",
-                            n_power_iterations: int = 1, slope: float = 0.1) -> ConvDiscriminator:
-    return ConvDiscriminator(_standard_cnn_d(ch, code_layout=True), 32, slope, num_classes, norm, n_power_iterations)
-
-
-@register_generator("cnn48")
-def cnn48_generator(num_classes: int = 0, ch: int = 64, z_dim: int = 128, dense_bn: str = "channel",
-                    z_dist: str = "normal") -> ConvGenerator:
-    return ConvGenerator([ch * 8, ch * 4, ch * 2, ch], 6, True, num_classes, z_dim, dense_bn, z_dist)
-
-
-@register_discriminator("cnn48")
-def cnn48_discriminator(num_classes: int = 0, ch: int = 64, norm: str = "sn",
-                        n_power_iterations: int = 1, slope: float = 0.1) -> ConvDiscriminator:
-    return ConvDiscriminator(_standard_cnn_d(ch), 48, slope, num_classes, norm, n_power_iterations)
-
-
-@register_discriminator("cnn48code")
-def cnn48code_discriminator(num_classes: int = 0, ch: int = 64, norm: str = "sn",
-                            n_power_iterations: int = 1, slope: float = 0.1) -> ConvDiscriminator:
-    return ConvDiscriminator(_standard_cnn_d(ch, code_layout=True), 48, slope, num_classes, norm, n_power_iterations)
+_register_standard_cnn(32, 4)
+_register_standard_cnn(48, 6)
 
 
 @register_generator("dcgan32")
