@@ -163,24 +163,23 @@ class GBatchNorm2d(nn.BatchNorm2d):
         return out.to(x.dtype)
 
 
-def set_bn_splits(model: nn.Module, splits: int) -> int:
-    """Set ``splits`` on every :class:`GBatchNorm2d` of ``model``; returns how many were set."""
+def _set_on_g_batchnorms(model: nn.Module, name: str, value) -> int:
     count = 0
     for m in model.modules():
         if isinstance(m, GBatchNorm2d):
-            m.splits = splits
+            setattr(m, name, value)
             count += 1
     return count
+
+
+def set_bn_splits(model: nn.Module, splits: int) -> int:
+    """Set ``splits`` on every :class:`GBatchNorm2d` of ``model``; returns how many were set."""
+    return _set_on_g_batchnorms(model, "splits", splits)
 
 
 def set_bn_eps(model: nn.Module, eps: float) -> int:
     """Set ``eps`` on every :class:`GBatchNorm2d` of ``model`` (the trainer's ``model.bn_eps``)."""
-    count = 0
-    for m in model.modules():
-        if isinstance(m, GBatchNorm2d):
-            m.eps = eps
-            count += 1
-    return count
+    return _set_on_g_batchnorms(model, "eps", eps)
 
 
 class ConditionalBatchNorm2d(nn.Module):
