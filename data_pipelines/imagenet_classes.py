@@ -8,6 +8,7 @@ copy of ImageNet (or a class subset) still gets the standard indices and names.
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
+from .errors import DataInputError
 
 # fmt: off
 ILSVRC2012_WNIDS: Tuple[str, ...] = (
@@ -154,7 +155,7 @@ PRESETS: Dict[str, Tuple[int, ...]] = {
 def preset_wnids(name: str) -> List[str]:
     """WordNet ids of a named preset, in standard order."""
     if name not in PRESETS:
-        raise ValueError(f"unknown class preset {name!r}; valid: {sorted(PRESETS)}")
+        raise DataInputError(f"unknown class preset {name!r}; valid: {sorted(PRESETS)}")
     return [ILSVRC2012_WNIDS[i] for i in PRESETS[name]]
 
 

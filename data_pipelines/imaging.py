@@ -28,6 +28,10 @@ class UndecodableImage(Exception):
     """The bytes are not an image Pillow can fully decode (truncated, corrupt, unknown format)."""
 
 
+class TooSmall(Exception):
+    """The image's shorter side is below the ``min_size`` asked for (``prepare --min-size``)."""
+
+
 def open_rgb(data: bytes) -> Tuple[Image.Image, str, str]:
     """Decode ``data`` completely and return ``(rgb_image, original_format, original_mode)``.
 
@@ -83,9 +87,16 @@ def encode_jpeg(img: Image.Image, quality: int) -> bytes:
     return out.getvalue()
 
 
-def convert_file(data: bytes, resolution: Optional[int], quality: int) -> Tuple[bytes, Tuple[int, int]]:
-    """File bytes -> (JPEG bytes, (height, width)). ``resolution=None`` keeps the original size."""
+def convert_file(data: bytes, resolution: Optional[int], quality: int,
+                 min_size: int = 0) -> Tuple[bytes, Tuple[int, int]]:
+    """File bytes -> (JPEG bytes, (height, width)). ``resolution=None`` keeps the original size.
+
+    ``min_size``: raise :class:`TooSmall` when the shorter side is below it (the official 256 px
+    ImageNet preprocessing keeps only images whose sides are both at least 256).
+    """
     img, fmt, mode = open_rgb(data)
+    if min(img.size) < min_size:
+        raise TooSmall(f"{img.width}x{img.height} is below --min-size {min_size}")
     was_rgb_jpeg = fmt == "JPEG" and mode == "RGB"
     if resolution is None:
         if was_rgb_jpeg:
@@ -96,9 +107,12 @@ def convert_file(data: bytes, resolution: Optional[int], quality: int) -> Tuple[
     return encode_jpeg(centre_square(img, resolution), quality), (resolution, resolution)
 
 
-def convert_array(pixels: np.ndarray, resolution: Optional[int], quality: int) -> Tuple[bytes, Tuple[int, int]]:
+def convert_array(pixels: np.ndarray, resolution: Optional[int], quality: int,
+                  min_size: int = 0) -> Tuple[bytes, Tuple[int, int]]:
     """uint8 HWC RGB array (CIFAR, STL-10) -> (JPEG bytes, (height, width))."""
     img = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+    if min(img.size) < min_size:
+        raise TooSmall(f"{img.width}x{img.height} is below --min-size {min_size}")
     if resolution is not None:
         img = centre_square(img, resolution)
     return encode_jpeg(img, quality), (img.height, img.width)

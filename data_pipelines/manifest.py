@@ -12,6 +12,7 @@
                  "index": "shard-000000.tar.idx.npy"}, ...],
      "beton": {"name": "data.beton", "samples": N, "bytes": ..., "sha256": "..."},   # ffcv only
      "skipped": {"count": 2, "items": [{"source": ".../bad.JPEG", "error": "OSError: ..."}]},
+     "min_size": {"side": 256, "dropped": 1, "items": [{"source": "...", "size": "250x188"}]},  # prepare --min-size
      "keys": "...", "job": {"id": "...", "spec": {...}}, "writer": {"seconds": ..., ...}}
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .tario import atomic_write, count_records
+from .errors import DataInputError, DataMissing
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -41,7 +43,7 @@ def read_manifest(path: str | Path) -> dict:
     with open(p) as f:
         manifest = json.load(f)
     if manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise ValueError(f"{str(p)!r} has manifest_version {manifest.get('manifest_version')!r}, "
+        raise DataInputError(f"{str(p)!r} has manifest_version {manifest.get('manifest_version')!r}, "
                          f"this code reads {MANIFEST_VERSION}")
     return manifest
 
@@ -75,7 +77,7 @@ def resolve_shards(path: str, *, remote: bool = False, announce: bool = True) ->
     random access to local files keep the default, which treats such a path as a missing file.
     """
     if not path:
-        raise ValueError("data.path is empty; set it to a folder written by `python -m data_pipelines.prepare`")
+        raise DataInputError("data.path is empty; set it to a folder written by `python -m data_pipelines.prepare`")
     if remote:
         from .remote import is_remote, resolve_remote
         if is_remote(path):
@@ -85,25 +87,25 @@ def resolve_shards(path: str, *, remote: bool = False, announce: bool = True) ->
     if manifest_file is not None and manifest_file.is_file():
         m = read_manifest(manifest_file)
         if m.get("format") != "webdataset":
-            raise ValueError(f"{str(manifest_file)!r} describes a {m.get('format')!r} dataset; "
+            raise DataInputError(f"{str(manifest_file)!r} describes a {m.get('format')!r} dataset; "
                              f"use data.backend={m.get('format')} or write shards with --format webdataset")
         folder = manifest_file.parent
         paths = [str(folder / s["name"]) for s in m["shards"]]
         missing = [q for q in paths if not os.path.isfile(q)]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} shards listed in {str(manifest_file)!r} are missing, "
+            raise DataMissing(f"{len(missing)} shards listed in {str(manifest_file)!r} are missing, "
                                     f"e.g. {missing[0]!r}")
         return ShardSet(paths, [int(s["samples"]) for s in m["shards"]], int(m["num_classes"]),
                         m.get("resolution"), m)
     if p.is_dir():
         paths = sorted(str(q) for q in p.glob("*.tar"))
         if not paths:
-            raise FileNotFoundError(f"data.path {path!r} has neither {MANIFEST_NAME} nor *.tar shards")
+            raise DataMissing(f"data.path {path!r} has neither {MANIFEST_NAME} nor *.tar shards")
     else:
         paths = _expand(str(p))
         missing = [q for q in paths if not os.path.isfile(q)]
         if not paths or missing:
-            raise FileNotFoundError(f"data.path {path!r} matches no shard files"
+            raise DataMissing(f"data.path {path!r} matches no shard files"
                                     + (f" ({missing[0]!r} is missing)" if missing else ""))
     counts, max_label = [], -1
     for q in paths:  # reads every shard once; fine for the small sets that come without a manifest

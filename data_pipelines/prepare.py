@@ -6,6 +6,9 @@
         --resolution 256 --classes dogs_and_cats
 
 Run it again with the same arguments to finish an interrupted job (or to see that it is done).
+ImageNet SRC may also be ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar (labels from the devkit
+.tar.gz or LOC_val_solution.csv), Hugging Face imagenet-1k parquet files, or a root holding them.
+``--slice K/N`` converts one of N parts (a SLURM array task); the same command without it assembles.
 """
 
 from __future__ import annotations
@@ -32,6 +35,16 @@ def _resolution(text: str) -> Optional[int]:
     return value
 
 
+def _slice(text: str):
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N (e.g. 0/4)") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise argparse.ArgumentTypeError(f"{text!r}: needs 0 <= K < N")
+    return k, n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data_pipelines.prepare",
@@ -54,9 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None,
                    help="class subset: a preset (%s), a comma-separated list of ids/names, or @FILE with one "
                         "id per line" % ", ".join(sorted(PRESETS)))
+    p.add_argument("--allow-partial", action="store_true",
+                   help="ImageNet: accept a source lacking some of the 1000 (or --classes) classes; labels keep "
+                        "the standard (or declared) numbering and the missing classes stay empty")
     p.add_argument("--labels", default=None,
-                   help="ImageNet val labels: LOC_val_solution.csv (Kaggle) or the devkit's "
-                        "ILSVRC2012_validation_ground_truth.txt (meta.mat beside it); searched near SRC if unset")
+                   help="ImageNet val labels: LOC_val_solution.csv (Kaggle), ILSVRC2012_devkit_t12.tar.gz, or the "
+                        "devkit's ILSVRC2012_validation_ground_truth.txt (meta.mat beside it); searched near SRC "
+                        "if unset")
+    p.add_argument("--min-size", type=int, default=0, metavar="N",
+                   help="drop images whose shorter side is below N px (counted in the manifest); the official "
+                        "256 px ImageNet preprocessing uses 256")
+    p.add_argument("--slice", type=_slice, default=None, metavar="K/N",
+                   help="convert only part K of N (0-based) and stop; run the command without --slice "
+                        "afterwards to assemble the shards (one SLURM array task per part)")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="parallel conversion processes (0: in this process)")
@@ -69,10 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        source = open_source(args.source, args.src, args.split, labels_file=args.labels, classes=args.classes)
+        if args.allow_partial and args.source != "imagenet":
+            raise SourceError(f"--allow-partial applies to --source imagenet only (not {args.source})")
+        source = open_source(args.source, args.src, args.split, labels_file=args.labels, classes=args.classes,
+                             allow_partial=args.allow_partial)
         opts = PrepareOptions(format=args.format, resolution=args.resolution, jpeg_quality=args.jpeg_quality,
                               samples_per_shard=args.samples_per_shard, workers=args.workers,
-                              shuffle_seed=args.shuffle_seed, overwrite=args.overwrite, progress=not args.quiet)
+                              shuffle_seed=args.shuffle_seed, overwrite=args.overwrite, progress=not args.quiet,
+                              min_size=args.min_size, slice_=args.slice)
+        if source.details.get("rows_with_wnid_checked") == 0:
+            print("warning: no image.path in these parquet files names a WordNet id, so their label order could "
+                  "not be checked against the standard sorted-wnid order", file=sys.stderr)
         print(f"{args.source} {args.split}: {len(source)} images, {len(source.classes)} classes -> "
               f"{args.out} ({args.format})", file=sys.stderr)
         prepare(source, args.out, opts)

@@ -13,6 +13,12 @@ below its folder (``os.walk`` following symbolic links, walk entries and file na
 One deliberate difference: hidden folders (``.ipynb_checkpoints``) are not classes. The manifest's
 ``source.per_class`` lists the files found per class. ImageNet synset folders are read one level
 deep, as before.
+
+ImageNet is read from any form it is distributed in (:func:`open_imagenet`): extracted folders, the
+train / val tar archives in place, the devkit archive, Kaggle's CSV, Hugging Face parquet (see
+:mod:`data_pipelines.archives`). Its labels are always the standard ILSVRC-2012 indices (sorted
+wnid), or 0..K-1 over the classes declared with ``classes`` in standard order; classes absent from
+the source are an error unless ``allow_partial``, so a partial copy is never renumbered silently.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .archives import (DEVKIT, TRAIN_TAR, VAL_TAR, ArchiveError, MemberReader, ParquetReader, devkit_id_to_wnid,
+                       devkit_val_wnids, list_parquet, list_tar, tar_members_are_tars)
 from .imagenet_classes import ILSVRC2012_WNIDS, WNID_TO_INDEX, imagenet_class_name, preset_wnids
 
 SOURCE_KINDS = ("imagenet", "imagefolder", "cifar10", "stl10")
@@ -57,6 +65,9 @@ class Source:
     labels: np.ndarray                      # int64 [N]; -1 for unlabelled data (STL-10 unlabeled)
     files: Optional[List[str]] = None       # file sources: absolute paths, aligned with labels
     pixels: Optional[Callable[[int, int], np.ndarray]] = None  # array sources: (start, stop) -> uint8 [n, H, W, 3]
+    # archive sources (tar members, parquet rows): item indices (ascending) -> bytes (or an OSError) each
+    reader: Optional[Callable[[Sequence[int]], Iterator[Any]]] = None
+    names: Optional[List[str]] = None       # archive sources: "archive:member" / "file.parquet#row" per item
     details: Dict[str, Any] = field(default_factory=dict)      # e.g. the labels file used, per_class counts
 
     def __len__(self) -> int:
@@ -206,72 +217,274 @@ def _val_labels_kaggle(csv_path: Path) -> Dict[str, str]:
     return labels
 
 
-def _val_labels_devkit(txt_path: Path) -> Dict[str, str]:
-    """Devkit ground truth: line i is the ILSVRC2012_ID of ILSVRC2012_val_{i:08d}; meta.mat maps ids."""
-    meta = txt_path.with_name("meta.mat")
-    if not meta.is_file():
-        raise SourceError(f"{str(txt_path)!r} needs the devkit's meta.mat beside it (not found at {str(meta)!r})")
-    from scipy.io import loadmat
-    synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
-    id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["ILSVRC2012_ID"]) <= 1000}
-    labels = {}
-    for i, line in enumerate(txt_path.read_text().split(), start=1):
-        if int(line) not in id_to_wnid:
-            raise SourceError(f"{str(txt_path)!r} line {i}: class id {line} is not in meta.mat (1..1000)")
-        labels[f"ILSVRC2012_val_{i:08d}"] = id_to_wnid[int(line)]
-    return labels
+def _val_labels_devkit(path: Path) -> Dict[str, str]:
+    """Devkit ground truth (line i: the ILSVRC2012_ID of ILSVRC2012_val_{i:08d}), mapped to WordNet ids
+    through meta.mat. ``path``: the devkit .tar.gz (read inside), its folder, or the ground-truth
+    .txt with ``meta.mat`` beside it."""
+    try:
+        if path.is_file() and path.suffix == ".txt":
+            meta = path.with_name("meta.mat")
+            if not meta.is_file():
+                raise SourceError(f"{str(path)!r} needs the devkit's meta.mat beside it (not found at "
+                                  f"{str(meta)!r}); or pass --labels {DEVKIT}")
+            table = devkit_id_to_wnid(meta.read_bytes(), str(meta))
+            labels = {}
+            for i, line in enumerate(path.read_text().split(), start=1):
+                if int(line) not in table:
+                    raise SourceError(f"{str(path)!r} line {i}: class id {line} is not in meta.mat (1..1000)")
+                labels[f"ILSVRC2012_val_{i:08d}"] = table[int(line)]
+            return labels
+        return devkit_val_wnids(path)
+    except ArchiveError as exc:
+        raise SourceError(str(exc)) from None
 
 
-def _imagenet_val(root: Path, labels_file: Optional[str]) -> Tuple[List[str], List[str], Path]:
+def _val_label_table(found: Path) -> Dict[str, str]:
+    if found.suffix == ".csv":
+        return _val_labels_kaggle(found)
+    return _val_labels_devkit(found)
+
+
+VAL_LABEL_NAMES = ("LOC_val_solution.csv", DEVKIT, "ILSVRC2012_validation_ground_truth.txt",
+                   "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
+                   "data/ILSVRC2012_validation_ground_truth.txt")
+
+
+def _val_labels_for(root: Path, labels_file: Optional[str]) -> Path:
     if labels_file:
-        found = Path(labels_file)
-        if not found.is_file():
+        found = Path(labels_file).expanduser()
+        if not (found.is_file() or found.is_dir()):
             raise SourceError(f"--labels {labels_file!r} is not a readable file")
-    else:
-        found = _find_upwards(root, ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt",
-                                     "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
-                                     "data/ILSVRC2012_validation_ground_truth.txt"))
-        if found is None:
-            raise SourceError(f"ImageNet val folder {str(root)!r} is flat and no labels file was found near it; "
-                              f"pass --labels LOC_val_solution.csv (Kaggle) or "
-                              f"--labels ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt")
-    table = _val_labels_kaggle(found) if found.suffix == ".csv" else _val_labels_devkit(found)
-    files = _image_files(root)
-    if not files:
-        raise SourceError(f"ImageNet val folder {str(root)!r} holds no image files")
-    stems = [Path(f).name.split(".")[0] for f in files]
+        return found
+    found = _find_upwards(root if root.is_dir() else root.parent, VAL_LABEL_NAMES)
+    if found is None:
+        raise SourceError(f"ImageNet val source {str(root)!r} is flat and no labels file was found near it; "
+                          f"pass --labels LOC_val_solution.csv (Kaggle) or --labels {DEVKIT}")
+    return found
+
+
+def _label_val(stems: List[str], found: Path) -> List[str]:
+    table = _val_label_table(found)
     missing = [s for s in stems if s not in table]
     if missing:
         raise SourceError(f"{len(missing)} val images have no label in {str(found)!r}, e.g. {missing[:3]}")
-    return files, [table[s] for s in stems], found
+    return [table[s] for s in stems]
 
 
-def open_imagenet(path: Path, split: str, labels_file: Optional[str]) -> Source:
-    kaggle = ("ILSVRC/Data/CLS-LOC", "Data/CLS-LOC")
-    root = _readable_dir(_split_dir(_readable_dir(path, "ImageNet path"), split, kaggle), f"ImageNet {split} folder")
-    names = _synset_names(root)
-    details: Dict[str, str] = {}
+@dataclass
+class _Listing:
+    """What an ImageNet source holds, before classes are chosen: one entry per image."""
+    wnids: List[str]
+    names: List[str]                                  # file path, or archive:member / file.parquet#row
+    files: Optional[List[str]] = None                 # plain files
+    locs: Optional[List[Tuple[str, int, int]]] = None  # (archive path, offset, size)
+    rows: Optional[List[Tuple[int, int]]] = None      # parquet (file index, row)
+    parquet_files: Optional[List[str]] = None
+    path: str = ""
+    details: Dict[str, Any] = field(default_factory=dict)
+
+
+def _abbrev(items: Sequence[str], n: int = 6) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def _listing_from_tars(tars: List[Path], nested: bool) -> Tuple[List[str], List[str], List[Tuple[str, int, int]]]:
+    wnids, names, locs = [], [], []
+    for t in tars:
+        try:
+            rows = list_tar(t, nested=nested)
+        except ArchiveError as exc:
+            raise SourceError(str(exc)) from None
+        cls = "" if nested else t.name[:-4]
+        for wnid, member, offset, size in rows:
+            wnids.append(wnid or cls)
+            names.append(f"{t}:{member}")
+            locs.append((str(t.resolve()), offset, size))
+    return wnids, names, locs
+
+
+def _listing_train_tar(tar: Path) -> _Listing:
+    if not tar_members_are_tars(tar):
+        raise SourceError(f"{str(tar)!r} does not hold per-class tars (n01440764.tar ...); is it the train archive?")
+    wnids, names, locs = _listing_from_tars([tar], nested=True)
+    _check_wnids(sorted(set(wnids)), f"ImageNet train archive {str(tar)!r}")
+    return _Listing(wnids, names, locs=locs, path=str(tar.resolve()), details={"archive": tar.name})
+
+
+def _listing_val_tar(tar: Path, labels_file: Optional[str]) -> _Listing:
+    found = _val_labels_for(tar, labels_file)
+    _, names, locs = _flat_tar(tar)
+    stems = [n.rsplit(":", 1)[1].split(".")[0] for n in names]
+    wnids = _label_val(stems, found)
+    _check_wnids(sorted(set(wnids)), f"labels file {str(found)!r}")
+    return _Listing(wnids, names, locs=locs, path=str(tar.resolve()),
+                    details={"archive": tar.name, "labels_file": str(found.resolve())})
+
+
+def _flat_tar(tar: Path) -> Tuple[List[str], List[str], List[Tuple[str, int, int]]]:
+    try:
+        rows = list_tar(tar, nested=False)
+    except ArchiveError as exc:
+        raise SourceError(str(exc)) from None
+    if not rows:
+        raise SourceError(f"{str(tar)!r} holds no image files")
+    return ([""] * len(rows), [f"{tar}:{r[1]}" for r in rows], [(str(tar.resolve()), r[2], r[3]) for r in rows])
+
+
+def _listing_parquet(files: List[Path]) -> _Listing:
+    try:
+        labels, rows, facts = list_parquet(files, WNID_TO_INDEX)
+    except ArchiveError as exc:
+        raise SourceError(str(exc)) from None
+    if not len(labels):
+        raise SourceError(f"the parquet files {[f.name for f in files][:3]} hold no rows")
+    wnids = [ILSVRC2012_WNIDS[y] for y in labels.tolist()]
+    names = [f"{files[fi].name}#{r}" for fi, r in rows]
+    return _Listing(wnids, names, rows=rows, parquet_files=[str(f.resolve()) for f in files],
+                    path=str(files[0].parent.resolve()),
+                    details={"parquet_files": len(files), **facts})
+
+
+def _listing_folder(root: Path, split: str, labels_file: Optional[str]) -> _Listing:
     subdirs = _class_folders(root)
-    if subdirs:  # train layout (or a val folder already sorted into synset folders)
+    tars = sorted(e.name for e in os.scandir(root) if e.is_file() and e.name.endswith(".tar"))
+    if subdirs:
         _check_wnids([f.name for f in subdirs], f"ImageNet {split} folder {str(root)!r}")
-        folders, files, labels = _folder_tree(root, f"ImageNet {split} folder")
-        wnids = [f.name for f in folders]
-        classes = [_imagenet_class(w, names) for w in wnids]
-    else:
+        if tars:
+            raise SourceError(f"ImageNet {split} folder {str(root)!r} holds {len(subdirs)} class folders and "
+                              f"{len(tars)} class archives not extracted ({_abbrev(tars)}); finish extracting them "
+                              f"(or remove them and pass --classes / --allow-partial)")
+        wnids, files = [], []
+        for folder in subdirs:
+            images = _image_files(folder)
+            if not images:
+                raise SourceError(f"class folder {str(folder)!r} holds no image files directly in it "
+                                  f"({', '.join(IMAGE_SUFFIXES)}); remove it or add images")
+            files.extend(images)
+            wnids.extend([folder.name] * len(images))
+        return _Listing(wnids, files, files=files, path=str(root.resolve()))
+    if tars and split == "train":  # the outer train tar unpacked: train/n01440764.tar ...
+        _check_wnids([t[:-4] for t in tars], f"ImageNet train folder {str(root)!r}")
+        wnids, names, locs = _listing_from_tars([root / t for t in tars], nested=False)
+        return _Listing(wnids, names, locs=locs, path=str(root.resolve()), details={"class_archives": len(tars)})
+    if split == "train":
+        raise SourceError(f"ImageNet train folder {str(root)!r} has no synset sub-folders and no class archives "
+                          f"(expected {root}/n01440764/*.JPEG, {root}/n01440764.tar, or {TRAIN_TAR})")
+    files = _image_files(root)
+    if not files:
+        raise SourceError(f"ImageNet val folder {str(root)!r} holds no image files (nor {VAL_TAR})")
+    found = _val_labels_for(root, labels_file)
+    wnids = _label_val([Path(f).name.split(".")[0] for f in files], found)
+    _check_wnids(sorted(set(wnids)), f"labels file {str(found)!r}")
+    return _Listing(wnids, files, files=files, path=str(root.resolve()),
+                    details={"labels_file": str(found.resolve())})
+
+
+def _hf_parquet(root: Path, split: str) -> List[Path]:
+    hf = {"val": "validation"}.get(split, split)
+    for pattern in (f"data/{hf}-*.parquet", f"{hf}-*.parquet", f"data/{split}-*.parquet"):
+        found = sorted(root.glob(pattern))
+        if found:
+            return found
+    return []
+
+
+def _imagenet_listing(path: Path, split: str, labels_file: Optional[str]) -> _Listing:
+    if split not in ("train", "val"):
+        raise SourceError(f"--split {split!r} does not exist for imagenet; valid: train, val (the test split has "
+                          f"no public labels)")
+    if not path.exists():
+        raise SourceError(f"ImageNet path {str(path)!r} does not exist")
+    if path.is_file():
+        if path.suffix == ".parquet":
+            return _listing_parquet([path])
         if split == "train":
-            raise SourceError(f"ImageNet train folder {str(root)!r} has no synset sub-folders "
-                              f"(expected {root}/n01440764/*.JPEG ...)")
-        files, file_wnids, found = _imagenet_val(root, labels_file)
-        details["labels_file"] = str(found.resolve())
-        wnids = sorted(set(file_wnids))
-        _check_wnids(wnids, f"labels file {str(found)!r}")
-        classes = [_imagenet_class(w, names) for w in wnids]
-        index = {w: i for i, w in enumerate(wnids)}
-        labels = [index[w] for w in file_wnids]
-    if len(classes) != len(ILSVRC2012_WNIDS):
-        details["note"] = f"{len(classes)} of the 1000 ILSVRC-2012 classes present"
-    return Source("imagenet", str(root.resolve()), split, classes, np.asarray(labels, np.int64), files=files,
-                  details=details)
+            return _listing_train_tar(path)
+        return _listing_val_tar(path, labels_file)
+    _readable_dir(path, "ImageNet path")
+    for base in (path, path / "ILSVRC/Data/CLS-LOC", path / "Data/CLS-LOC"):
+        if (base / split).is_dir():
+            return _listing_folder(_readable_dir(base / split, f"ImageNet {split} folder"), split, labels_file)
+    archive = path / (TRAIN_TAR if split == "train" else VAL_TAR)
+    if archive.is_file():
+        return _listing_train_tar(archive) if split == "train" else _listing_val_tar(archive, labels_file)
+    parquet = _hf_parquet(path, split)
+    if parquet:
+        return _listing_parquet(parquet)
+    return _listing_folder(path, split, labels_file)
+
+
+def _declared_wnids(classes: str, names: Dict[str, str]) -> List[str]:
+    by_name: Dict[str, str] = {}
+    for w in ILSVRC2012_WNIDS:
+        by_name.setdefault(imagenet_class_name(w), w)
+    for w, n in names.items():
+        by_name.setdefault(n, w)
+    out = []
+    for item in parse_class_list(classes):
+        wnid = item if item in WNID_TO_INDEX else by_name.get(item)
+        if wnid is None:
+            raise SourceError(f"--classes: {item!r} is not one of the 1000 ILSVRC-2012 classes (a WordNet id such "
+                              f"as n02085620, a class name such as Chihuahua, or a preset)")
+        out.append(wnid)
+    return sorted(set(out), key=WNID_TO_INDEX.__getitem__)
+
+
+def open_imagenet(path: Path, split: str, labels_file: Optional[str], classes: Optional[str] = None,
+                  allow_partial: bool = False) -> Source:
+    """ImageNet from any of its distributed forms, with standard class indices.
+
+    Without ``classes`` the labels are the standard ILSVRC-2012 indices (sorted wnid, 0..999) and
+    all 1000 classes must be present; with ``classes`` the declared classes are numbered 0..K-1 in
+    standard order, whatever is present. Missing classes are an error unless ``allow_partial``.
+    """
+    listing = _imagenet_listing(path, split, labels_file)
+    names = _synset_names(Path(listing.path))
+    declared = _declared_wnids(classes, names) if classes else list(ILSVRC2012_WNIDS)
+    present = set(listing.wnids)
+    missing = [w for w in declared if w not in present]
+    what = f"the {len(declared)} classes declared with --classes" if classes else "the 1000 ILSVRC-2012 classes"
+    if missing and not allow_partial:
+        raise SourceError(f"ImageNet {split} source {listing.path!r} lacks {len(missing)} of {what} "
+                          f"({_abbrev(missing)}); declare the classes it should have with --classes (numbered "
+                          f"0..K-1 in standard order), or pass --allow-partial to keep the "
+                          f"{'declared' if classes else 'standard 1000-class'} numbering with those classes empty")
+    index = {w: i for i, w in enumerate(declared)}
+    keep = [i for i, w in enumerate(listing.wnids) if w in index]
+    if not keep:
+        raise SourceError(f"ImageNet {split} source {listing.path!r} holds none of {what}")
+    labels = np.asarray([index[listing.wnids[i]] for i in keep], np.int64)
+    details: Dict[str, Any] = dict(listing.details)
+    if classes:
+        details["classes_selected"] = str(len(declared))
+    if missing:
+        details["missing_classes"] = missing
+    item_names = [listing.names[i] for i in keep]
+    files = reader = None
+    if listing.files is not None:
+        files = item_names
+    elif listing.locs is not None:
+        locs = [listing.locs[i] for i in keep]
+        members = MemberReader()
+
+        def reader(idx: Sequence[int]) -> Iterator[Any]:
+            for i in idx:
+                try:
+                    yield members.read(*locs[i])
+                except OSError as exc:
+                    yield exc
+    else:
+        rows = [listing.rows[i] for i in keep]
+        pq_reader = ParquetReader(listing.parquet_files)
+
+        def reader(idx: Sequence[int]) -> Iterator[Any]:
+            try:
+                yield from pq_reader.read([rows[i] for i in idx])
+            except Exception as exc:  # a damaged row group: every remaining item of the request fails
+                raise OSError(f"parquet read failed: {exc}") from None
+    return Source("imagenet", listing.path, split, [_imagenet_class(w, names) for w in declared], labels,
+                  files=files, reader=reader, names=item_names if files is None else None, details=details)
 
 
 def open_imagefolder(path: Path, split: str) -> Source:
@@ -396,11 +609,19 @@ def select_classes(source: Source, wanted: Sequence[str]) -> Source:
             lo = int(idx[0]) if len(idx) else 0
             return base(lo, int(idx[-1]) + 1 if len(idx) else 0)[idx - lo]
 
+    reader = None
+    if source.reader is not None:
+        base_reader = source.reader
+
+        def reader(idx: Sequence[int]) -> Iterator[Any]:
+            return base_reader([int(picked[i]) for i in idx])
+
     details = dict(source.details, classes_selected=str(len(old)))
     if "per_class" in details:  # the counts of the kept classes, in their new order
         details["per_class"] = [int(source.details["per_class"][i]) for i in old]
     return Source(source.kind, source.path, source.split, [source.classes[i] for i in old],
-                  remap[source.labels[picked]], files=files, pixels=pixels, details=details)
+                  remap[source.labels[picked]], files=files, pixels=pixels, details=details, reader=reader,
+                  names=[source.names[i] for i in picked] if source.names is not None else None)
 
 
 def parse_class_list(text: str) -> List[str]:
@@ -420,12 +641,14 @@ def parse_class_list(text: str) -> List[str]:
 
 
 def open_source(kind: str, path: str, split: str = "train", labels_file: Optional[str] = None,
-                classes: Optional[str] = None) -> Source:
+                classes: Optional[str] = None, allow_partial: bool = False) -> Source:
+    """``allow_partial``: ImageNet only; keep the standard (or declared) numbering when classes are missing."""
     if kind not in SOURCE_KINDS:
         raise SourceError(f"--source {kind!r} is not known; valid: {', '.join(SOURCE_KINDS)}")
     p = Path(path).expanduser()
     if kind == "imagenet":
-        source = open_imagenet(p, split, labels_file)
+        source = open_imagenet(p, split, labels_file, classes=classes, allow_partial=allow_partial)
+        classes = None  # chosen by open_imagenet, in the standard numbering
     elif kind == "imagefolder":
         source = open_imagefolder(p, split)
     elif kind == "cifar10":

@@ -3,6 +3,7 @@
     python launch/slurm.py --nodes 4 --exp imagenet128 train.batch_size=64   # train (the default command)
     python launch/slurm.py eval RUN_DIR [--array]                            # evaluate checkpoints
     python launch/slurm.py status RUN_DIR                                    # job states, latest metrics
+    python launch/slurm.py prepare SRC OUT --tasks 32 -- --source imagenet --resolution 128   # shards
 
 Training is one task per GPU (SLURM starts every process; see launch/README.md
 for why), each running trainer.main.main() with torch.distributed set up from
@@ -34,9 +35,9 @@ if __package__ in (None, ""):  # run as a script path: make the repository impor
 from launch import preflight, run_status  # noqa: E402
 from launch.slurm_task import EvalTask, TrainTask  # noqa: E402
 
-COMMANDS = ("train", "eval", "status")
+COMMANDS = ("train", "eval", "status", "prepare")
 TERMINAL_OK = "COMPLETED"
-TRAIN_TIME, EVAL_TIME = "24:00:00", "4:00:00"
+TRAIN_TIME, EVAL_TIME, PREPARE_TIME = "24:00:00", "4:00:00", "4:00:00"
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -138,7 +139,20 @@ def build_parsers() -> dict[str, argparse.ArgumentParser]:
                                  description="Show a run's SLURM jobs, their state, and the latest metrics.")
     st.add_argument("run_dir", help="run folder")
     st.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    return {"train": train, "eval": ev, "status": st}
+    pr = argparse.ArgumentParser(
+        prog="python launch/slurm.py prepare", formatter_class=fmt,
+        description="Submit `python -m data_pipelines.prepare SRC OUT ...` as a SLURM array: task K of N converts "
+                    "slice K/N of the source (--slice K/N), then one job, started when every task has succeeded, "
+                    "assembles the shards and the manifest (the same command without --slice). The result is the "
+                    "one a single process would write. Submitted jobs are recorded in OUT/slurm/jobs.jsonl "
+                    "(`status OUT` shows them).",
+        epilog="Arguments after `--` are prepare's own (--source is required there), e.g. "
+               "-- --source imagenet --resolution 128.")
+    pr.add_argument("src", help="source, as prepare takes it (e.g. the folder holding ILSVRC2012_img_train.tar)")
+    pr.add_argument("out", help="output folder (shared by all nodes)")
+    pr.add_argument("--tasks", type=_positive, default=4, help="array tasks (slices of the source)")
+    _add_slurm_options(pr, time_default=PREPARE_TIME, nodes_default=1)
+    return {"train": train, "eval": ev, "status": st, "prepare": pr}
 
 
 # ----------------------------------------------------------------------------- submission
@@ -424,6 +438,64 @@ def cmd_eval(args) -> int:
     return wait_all(entries) if args.wait else 0
 
 
+def cmd_prepare(args) -> int:
+    from data_pipelines.prepare import build_parser as prepare_parser
+
+    out = os.path.abspath(args.out)
+    src = os.path.abspath(args.src)
+    try:
+        if not os.path.exists(src):
+            raise preflight.PreflightError(f"source {src!r} does not exist (give a path all nodes can read)")
+        if args.nodes != 1:
+            raise preflight.PreflightError(f"--nodes {args.nodes}: each prepare task runs on one node; "
+                                           f"use --tasks to spread the work over nodes")
+        if any(a == "--slice" or a.startswith("--slice=") for a in args.prepare_args):
+            raise preflight.PreflightError("--slice is set by the launcher for each array task; remove it")
+        if any(a in ("--workers", "--overwrite") or a.startswith(("--workers=", "--overwrite="))
+               for a in args.prepare_args):
+            raise preflight.PreflightError("--workers is set from --cpus-per-task, and --overwrite cannot be used "
+                                           "with slices (clear OUT first); remove them after `--`")
+    except preflight.PreflightError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            prepare_parser().parse_args([src, out, *args.prepare_args])  # bad prepare options fail now
+        except SystemExit:
+            print(f"error: prepare options {shlex.join(args.prepare_args)!r}: "
+                  f"{err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else 'invalid'}",
+                  file=sys.__stderr__)
+            return 2
+    workers = ["--workers", str(args.cpus_per_task), "--quiet"]
+    argv = [src, out, *args.prepare_args, *workers]
+    tasks = [EvalTask("data_pipelines.prepare", [*argv, "--slice", f"{k}/{args.tasks}"], 0)
+             for k in range(args.tasks)]
+    name = args.job_name or f"sngan-prepare-{os.path.basename(out.rstrip('/'))}"
+    params = sbatch_parameters(args, name, 1)
+    params.pop("gpus_per_node", None)
+    merge_params = dict(params, job_name=f"{name}-merge")
+    what = f"prepare array: {args.tasks} slice(s) of {src}, {args.cpus_per_task} worker(s) each"
+    merge = [EvalTask("data_pipelines.prepare", argv, 0)]
+    if args.dry_run:
+        print_dry_run(what, out, params, tasks)
+        print_dry_run("prepare merge: assembles the shards after every slice succeeded",
+                      out, {**merge_params, "dependency": "afterok:ARRAY_JOB_ID"}, merge)
+        return 0
+    try:
+        preflight.require_slurm()
+        part = preflight.read_partition(args.partition)
+        preflight.check_allocation(part, 1, 1, args.cpus_per_task, 0, args.mem, args.time)
+    except preflight.PreflightError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    os.makedirs(out, exist_ok=True)
+    entries = submit(out, "prepare", what, params, tasks, max_requeues=3)
+    array_id = entries[0]["job_id"].split("_")[0]
+    merge_params["dependency"] = f"afterok:{array_id}"
+    entries += submit(out, "prepare", f"prepare merge, after job {array_id} succeeds", merge_params, merge)
+    return wait_all(entries) if args.wait else 0
+
+
 def cmd_status(args) -> int:
     return run_status.show(os.path.abspath(args.run_dir), as_json=args.json)
 
@@ -438,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_status(parser.parse_args(argv))
     cut = argv.index("--") if "--" in argv else len(argv)  # what follows `--` is the evaluator's
     args = parser.parse_args(argv[:cut])
+    if command == "prepare":
+        args.prepare_args = argv[cut + 1:]
+        return cmd_prepare(args)
     args.eval_args = argv[cut + 1:]
     return cmd_eval(args)
 

@@ -47,7 +47,7 @@ def imagenet(tmp_path_factory):
 
 def test_imagenet_train_real_world_files_and_manifest(imagenet, tmp_path):
     root, made = imagenet
-    source = open_source("imagenet", str(root), "train")
+    source = open_source("imagenet", str(root), "train", classes="n01440764,n01443537,n01484850")
     assert [c.id for c in source.classes] == list(ILSVRC2012_WNIDS[:3])
     assert [c.name for c in source.classes] == ["tench", "goldfish", "great white shark"]
     manifest = prepare(source, tmp_path, PrepareOptions(resolution=24, samples_per_shard=4, workers=2,
@@ -86,7 +86,7 @@ def test_imagenet_val_labels(tmp_path, labels):
     root = tmp_path / "in"
     fakedata.make_imagenet(root, classes=(5, 151, 293), per_class=1, oddities=False, val_per_class=2,
                            val_labels=labels)
-    source = open_source("imagenet", str(root), "val")
+    source = open_source("imagenet", str(root), "val", classes="n01496331,n02085620,n02130308")
     assert [c.source_index for c in source.classes] == [5, 151, 293]
     assert source.labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert source.details["labels_file"].endswith(".csv" if labels == "kaggle" else "ground_truth.txt")
@@ -94,7 +94,7 @@ def test_imagenet_val_labels(tmp_path, labels):
 
 def test_keep_originals_stores_rgb_jpegs_unchanged(imagenet, tmp_path):
     root, made = imagenet
-    source = open_source("imagenet", str(root), "train")
+    source = open_source("imagenet", str(root), "train", classes="n01440764,n01443537,n01484850")
     prepare(source, tmp_path, PrepareOptions(resolution=None, samples_per_shard=100, progress=False))
     samples = shard_samples(str(tmp_path))
     for key, (img, _) in samples.items():
@@ -140,7 +140,7 @@ def test_dogs_and_cats_preset_and_class_subsets(tmp_path):
     assert parse_class_list("dogs_and_cats") == wnids
     root = tmp_path / "in"
     fakedata.make_imagenet(root, classes=(150, 151, 200, 293, 294), per_class=2, oddities=False)
-    with pytest.raises(SourceError, match="is not in the source"):
+    with pytest.raises(SourceError, match="lacks 140 of the 143 classes declared"):
         open_source("imagenet", str(root), "train", classes="dogs_and_cats")  # only 3 of 143 present
     sub = open_source("imagenet", str(root), "train", classes="n02130308,n02085620")
     assert [c.source_index for c in sub.classes] == [151, 293]
