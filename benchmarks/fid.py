@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from eval import dist  # noqa: E402
+from trainer import dist  # noqa: E402
 from eval.data import open_source  # noqa: E402
 from eval.extractors import (build_extractor, fid_helper_model_path,  # noqa: E402
                              torch_fidelity_weights_path)

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from data_pipelines.synthetic import render  # noqa: E402
-from eval.compare_score import Scorer  # noqa: E402
+from launch.compare_score import Scorer  # noqa: E402
 from eval.data import open_source  # noqa: E402
 from eval.extractors import build_extractor  # noqa: E402
 

@@ -32,6 +32,7 @@ from .config import DataConfig
 from .manifest import MANIFEST_NAME, read_manifest
 from .stream import register_backend
 from .tario import COL_LABEL, COL_OFFSET, COL_SIZE, read_shard, load_index, sha256_file
+from .errors import DataInputError, DataMissing
 
 INSTALL_HINT = ("apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && pip install -e '.[ffcv]' "
                 "(or run tests/install_ffcv.sh)")
@@ -129,19 +130,19 @@ class _DecodedSamples:  # pragma: no cover - used only where processes are not f
 
 def _resolve_beton(path: str) -> Tuple[Path, Optional[dict]]:
     if not path:
-        raise ValueError("data.path is empty; set it to a folder written with --format ffcv or a .beton file")
+        raise DataInputError("data.path is empty; set it to a folder written with --format ffcv or a .beton file")
     p = Path(path).expanduser()
     manifest_file = p / MANIFEST_NAME if p.is_dir() else p.with_name(MANIFEST_NAME)
     manifest = read_manifest(manifest_file) if manifest_file.is_file() else None
     if p.is_dir():
         if manifest is None or manifest.get("format") != "ffcv":
-            raise ValueError(f"data.path {path!r} has no manifest of an FFCV dataset; point it to the folder "
+            raise DataInputError(f"data.path {path!r} has no manifest of an FFCV dataset; point it to the folder "
                              f"written with --format ffcv or to a .beton file")
         p = p / manifest["beton"]["name"]
     elif manifest is not None and manifest.get("format") != "ffcv":
         manifest = None  # a manifest of something else beside the file
     if not p.is_file():
-        raise FileNotFoundError(f"FFCV file {str(p)!r} does not exist")
+        raise DataMissing(f"FFCV file {str(p)!r} does not exist")
     return p, manifest
 
 
@@ -161,7 +162,7 @@ class FFCVStream:
         require_ffcv()
         from ffcv.reader import Reader
         if not 0.0 < cfg.random_crop_ratio <= 1.0:
-            raise ValueError(f"data.random_crop_ratio={cfg.random_crop_ratio} must be in (0, 1]")
+            raise DataInputError(f"data.random_crop_ratio={cfg.random_crop_ratio} must be in (0, 1]")
         self.cfg, self.batch_size, self.rank, self.world_size, self.seed = cfg, batch_size, rank, world_size, seed
         self.beton, manifest = _resolve_beton(cfg.path)
         reader = Reader(str(self.beton))
@@ -173,7 +174,7 @@ class FFCVStream:
         self.resolution = cfg.resolution
         self.batches_per_epoch = (self.num_samples // world_size) // batch_size
         if self.batches_per_epoch < 1:
-            raise ValueError(f"{self.num_samples} samples give {self.num_samples // world_size} per rank for "
+            raise DataInputError(f"{self.num_samples} samples give {self.num_samples // world_size} per rank for "
                              f"{world_size} ranks, fewer than one batch of {batch_size}")
         self.position = start_batch
         self.skipped = 0  # FFCV has no way to skip a sample; kept for the common stream interface

@@ -36,6 +36,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from .manifest import MANIFEST_NAME, MANIFEST_VERSION, ShardSet
 from .tario import BAD_LABEL, ShardDamaged, stream_samples
+from .errors import DataInputError, DataMissing
 
 log = logging.getLogger("data_pipelines.wds")
 
@@ -56,7 +57,7 @@ def is_remote(path: str) -> bool:
     scheme = path.split(":", 1)[0].lower()
     if scheme not in gopen_schemes or scheme == "__default__":
         known = sorted(k for k in gopen_schemes if not k.startswith("_"))
-        raise ValueError(f"data.path {path!r}: webdataset cannot open {scheme}:// URLs (it opens "
+        raise DataInputError(f"data.path {path!r}: webdataset cannot open {scheme}:// URLs (it opens "
                          f"{', '.join(k + '://' for k in known if k != 'pipe')} and pipe:COMMAND); "
                          f"e.g. pipe:aws s3 cp s3://bucket/shard-000000.tar - for S3")
     return True
@@ -68,7 +69,7 @@ def expand(path: str) -> List[str]:
     try:
         return list(expand_urls(path))
     except AssertionError as exc:  # envsubst: ${VAR} without WDS_VAR in the environment
-        raise ValueError(f"data.path {path!r}: {exc}") from None
+        raise DataInputError(f"data.path {path!r}: {exc}") from None
 
 
 class Opened:
@@ -198,7 +199,7 @@ def _count_one(url: str) -> Tuple[int, List[int]]:
         pass  # counted up to the damage, as count_records counts a local shard
     except (OSError, ValueError) as exc:
         if n == 0:
-            raise FileNotFoundError(f"cannot read shard {url}: {transfer_error(exc)}") from None
+            raise DataMissing(f"cannot read shard {url}: {transfer_error(exc)}") from None
         log.warning("counting %s: transfer failed after %d samples (%s); counting those", url, n, transfer_error(exc))
     finally:
         samples.close()
@@ -232,7 +233,7 @@ def first_images(url: str, n: int) -> List[bytes]:
 
 def _from_manifest(manifest: dict, where: str) -> None:
     if manifest.get("format") != "webdataset":
-        raise ValueError(f"{where!r} describes a {manifest.get('format')!r} dataset; use "
+        raise DataInputError(f"{where!r} describes a {manifest.get('format')!r} dataset; use "
                          f"data.backend={manifest.get('format')} or write shards with --format webdataset")
 
 
@@ -242,14 +243,14 @@ def resolve_remote(path: str, announce: bool = True) -> ShardSet:
         url = with_file_name(path, MANIFEST_NAME)
         manifest, why = fetch_manifest(url)
         if manifest is None:
-            raise FileNotFoundError(f"data.path {path!r}: cannot read {url}: {why}")
+            raise DataMissing(f"data.path {path!r}: cannot read {url}: {why}")
         _from_manifest(manifest, url)
         urls = [with_file_name(url, s["name"]) for s in manifest["shards"]]
         return ShardSet(urls, [int(s["samples"]) for s in manifest["shards"]], int(manifest["num_classes"]),
                         manifest.get("resolution"), manifest, remote=True)
     urls = expand(path)
     if not urls:
-        raise FileNotFoundError(f"data.path {path!r} names no shards")
+        raise DataMissing(f"data.path {path!r} names no shards")
     url = with_file_name(urls[0], MANIFEST_NAME)
     manifest, why = fetch_manifest(url) if url else (None, "no file name in the shard address")
     if manifest is not None:

@@ -13,6 +13,7 @@ from typing import Callable, Dict, Iterator, Protocol, Tuple
 import torch
 
 from .config import DataConfig
+from .errors import DataInputError
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -57,9 +58,9 @@ def build_train_stream(cfg: DataConfig, *, batch_size: int, rank: int = 0, world
     """Build this rank's infinite training stream for ``cfg.backend``."""
     _load_builtin_backends()
     if cfg.backend not in _BACKENDS:
-        raise ValueError(f"data.backend={cfg.backend!r} is not known; valid: {sorted(_BACKENDS)}")
+        raise DataInputError(f"data.backend={cfg.backend!r} is not known; valid: {sorted(_BACKENDS)}")
     if batch_size < 1:
-        raise ValueError(f"batch size per rank must be >= 1, got {batch_size}")
+        raise DataInputError(f"batch size per rank must be >= 1, got {batch_size}")
     return _BACKENDS[cfg.backend](cfg, batch_size=batch_size, rank=rank, world_size=world_size,
                                   seed=seed, start_batch=start_batch)
 

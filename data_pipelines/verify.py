@@ -27,11 +27,12 @@ from typing import List, Optional, Sequence, Tuple
 
 from .manifest import MANIFEST_NAME, read_manifest
 from .tario import BLOCK, HEAD_BYTES, header_ok, sha256_file
+from .errors import DataInputError
 
 LEVELS = ("quick", "full")
 
 
-class DataVerifyError(ValueError):
+class DataVerifyError(DataInputError):
     """Files that do not match their manifest; the message lists them with the remedy."""
 
 
@@ -78,7 +79,7 @@ def verify_folder(folder: str | Path, level: str = "full", workers: int = 0,
                   progress: bool = False) -> Tuple[int, List[Tuple[str, str]]]:
     """(files checked, [(path, fault), ...]) for a folder written by ``data_pipelines.prepare``."""
     if level not in LEVELS:
-        raise ValueError(f"verify level {level!r} is not one of {', '.join(LEVELS)}")
+        raise DataInputError(f"verify level {level!r} is not one of {', '.join(LEVELS)}")
     folder = Path(folder)
     manifest_path = folder / MANIFEST_NAME if folder.is_dir() else folder
     if not manifest_path.is_file():

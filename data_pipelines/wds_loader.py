@@ -11,7 +11,7 @@ seeded by ``(seed, e, s)``; the buffer is flushed at the end of the slot's epoch
 mix. The slot then goes on with epoch ``e + 1``: the stream is infinite and never ends an epoch
 early or pads it. Everything is a pure function of ``(seed, rank, worker, world_size, W, shards)``.
 
-Batches. Each worker yields whole batches of its own samples; the DataLoader takes them round
+Batches. Each worker yields whole batches of its own samples (``WorkerBatch``); the DataLoader takes them round
 robin, so batch ``j`` of the rank comes from worker ``j % W``.
 
 Resume. ``start_batch`` (batches this rank consumed) tells worker ``w`` that it produced
@@ -45,6 +45,7 @@ import logging
 import math
 import random
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -54,6 +55,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from .config import DataConfig
+from .errors import DataInputError
 from .manifest import ShardSet, resolve_shards
 from .stream import register_backend
 from .tario import BAD_LABEL, COL_LABEL, COL_OFFSET, ShardDamaged, key_at, load_index, read_shard
@@ -86,7 +88,7 @@ class SlotPlan:
     def __init__(self, counts: List[int], n_slots: int, seed: int):
         total = sum(counts)
         if total < n_slots:
-            raise ValueError(f"{total} samples cannot feed {n_slots} readers (ranks x workers); "
+            raise DataInputError(f"{total} samples cannot feed {n_slots} readers (ranks x workers); "
                              f"use fewer loader workers (data.num_workers) or more data")
         self.counts, self.n_slots, self.seed = list(counts), n_slots, seed
         self.parts = max(1, math.ceil(n_slots / len(counts)))
@@ -172,7 +174,7 @@ def probe_short_side(shard: str, samples: int = 8, remote: bool = False) -> Opti
     return max(sides) if sides else None
 
 
-class DataUnreadable(ValueError):
+class DataUnreadable(DataInputError):
     """A reader found no readable sample at all (every shard it was given is damaged)."""
 
 
@@ -194,6 +196,17 @@ class _Warner:
         log.warning("%s: %s (%d skipped so far)", self.where, message, self.count)
 
 
+@dataclass
+class WorkerBatch:
+    """One batch from a :class:`ShardStream` worker to :class:`WebDatasetStream` (pickled across the
+    DataLoader's process boundary; a few fields per batch, not per image)."""
+    images: Optional[torch.Tensor]    # uint8 [B, 3, R, R]; None: already sent, in ring buffer ``ring_index``
+    labels: np.ndarray                # int64 [B] (numpy: pickled by value, no shared-memory segment)
+    skipped: int                      # samples this worker has skipped so far
+    ring_index: int = -1              # >= 0: the worker's shared-memory ring buffer that holds ``images``
+    keys: Optional[List[str]] = None  # the samples' keys (single-epoch mode: tests, tools)
+
+
 class ShardStream(IterableDataset):
     """One rank's reader; runs inside each DataLoader worker (or in-process for num_workers=0)."""
 
@@ -210,7 +223,6 @@ class ShardStream(IterableDataset):
         self.start_batch = start_batch
         self.single_epoch = epoch  # set: yield that epoch only, last batch partial, with keys (tests, tools)
         self.num_classes = shards.num_classes  # labels outside [0, num_classes) are skipped (0: unlabelled)
-        self._readable = 0
 
     # -- records ------------------------------------------------------------------------------
     # A record is a tuple (buffer, image offset, image size, label, is_jpeg, shard index): the buffer
@@ -241,7 +253,6 @@ class ShardStream(IterableDataset):
                 if num_classes > 0 and label != BAD_LABEL and not 0 <= label < num_classes:
                     bad.append((key_at(sample, offset) if size > 0 else "?", label))
                     continue
-                self._readable += 1
                 yield sample, offset, size, label, is_jpeg, shard
         except ShardDamaged as exc:
             damage = str(exc)
@@ -284,7 +295,6 @@ class ShardStream(IterableDataset):
                 warn.shard(f"shard {path}: {int(bad.sum())} samples with labels outside [0, {self.num_classes}) "
                            f"skipped, e.g. {', '.join(keys)} (label {int(labels[bad][0])})", int(bad.sum()))
                 part_index = part_index[~bad]
-        self._readable += len(part_index)
         return buf, part_index.tolist()
 
     def _slot_stream(self, slot: int, skip: int, warn: _Warner) -> Iterator[tuple]:
@@ -390,19 +400,19 @@ class ShardStream(IterableDataset):
                     break
             if len(images) < batch_size:  # only in single-epoch mode: the stream ended
                 if images:
-                    yield self._stack(images), np.asarray(labels, dtype=np.int64), warn.count, keys
+                    yield WorkerBatch(self._stack(images), np.asarray(labels, dtype=np.int64), warn.count, keys=keys)
                 return
             # Labels travel as a numpy array: pickled by value, whereas a tensor would get its own
             # shared-memory segment (~0.3 ms per batch for 2 KB).
             labels = np.asarray(labels, dtype=np.int64)
             if with_keys:
-                yield self._stack(images), labels, warn.count, keys
+                yield WorkerBatch(self._stack(images), labels, warn.count, keys=keys)
             elif self._ring is None:
-                yield self._stack(images), -1, labels, warn.count
+                yield WorkerBatch(self._stack(images), labels, warn.count)
             else:
                 ring_index = self._ring_next
                 batch = self._stack(images)
-                yield (None if ring_index in sent else batch), ring_index, labels, warn.count
+                yield WorkerBatch(None if ring_index in sent else batch, labels, warn.count, ring_index=ring_index)
                 sent.add(ring_index)
 
 
@@ -445,7 +455,7 @@ class WebDatasetStream:
             log.warning("shards hold %dpx images, data.resolution=%d: resizing every image while loading "
                         "(slow; write shards at the training resolution)", self.shards.resolution, cfg.resolution)
         if not 0.0 < cfg.random_crop_ratio <= 1.0:
-            raise ValueError(f"data.random_crop_ratio={cfg.random_crop_ratio} must be in (0, 1]")
+            raise DataInputError(f"data.random_crop_ratio={cfg.random_crop_ratio} must be in (0, 1]")
         # Fails now (not in a worker) when the data cannot feed world_size x workers readers.
         SlotPlan(self.shards.counts, world_size * max(1, cfg.num_workers), seed)
         self.position = start_batch
@@ -465,17 +475,18 @@ class WebDatasetStream:
         dataset = ShardStream(self.shards, self.cfg, self.batch_size, self.rank, self.world_size, self.seed,
                               self.position)
         own = self._owning_copy()
-        for j, (images, ring_index, labels, skipped) in enumerate(self._loader(dataset)):
+        for j, batch in enumerate(self._loader(dataset)):
             worker = j % workers  # an endless stream: the DataLoader takes the workers in turn
-            if ring_index >= 0:
+            images = batch.images
+            if batch.ring_index >= 0:
                 if images is None:
-                    images = rings[worker, ring_index]
+                    images = rings[worker, batch.ring_index]
                 else:
-                    rings[worker, ring_index] = images
-            per_worker[worker] = skipped
+                    rings[worker, batch.ring_index] = images
+            per_worker[worker] = batch.skipped
             self.skipped = sum(per_worker)
             self.position += 1
-            yield own(images), torch.from_numpy(labels)
+            yield own(images), torch.from_numpy(batch.labels)
 
     def iter_epoch(self, epoch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor, List[str]]]:
         """This rank's share of one epoch, ``(images, labels, keys)`` batches (the last ones may be
@@ -483,8 +494,8 @@ class WebDatasetStream:
         dataset = ShardStream(self.shards, self.cfg, self.batch_size, self.rank, self.world_size, self.seed,
                               epoch=epoch)
         own = self._owning_copy()
-        for images, labels, _skipped, keys in self._loader(dataset):
-            yield own(images), torch.from_numpy(labels), keys
+        for batch in self._loader(dataset):
+            yield own(batch.images), torch.from_numpy(batch.labels), batch.keys
 
     def _owning_copy(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """Worker batches live in buffers that the worker reuses: hand out a copy, in pinned memory

@@ -28,17 +28,18 @@ import time
 import uuid
 from typing import Iterator, List, Optional, Set
 
-if __package__ in (None, ""):  # run as a script path: import eval/ as the package, not its files
+if __package__ in (None, ""):  # run as a script path: the repository root on sys.path, not this folder (ARCHITECTURE.md)
     _HERE = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
-from eval import dist
+from trainer import dist
 from eval.ckpt import CheckpointError, complete_checkpoints
 from eval.data import open_source
 from eval.generate import NonFiniteSamples
 from eval.main import EvalOptions, add_eval_args, evaluate, options_from_args
 from eval.reference import compute_reference, make_extractor
 from eval.statsfile import load_stats
+from trainer.errors import MissingInput, UsageError
 
 RESULTS = "eval.jsonl"
 CLAIMS = "eval-claims"
@@ -137,7 +138,7 @@ def data_spec(cfg: dict, run_dir: str) -> str:
                 f"{data.get('synthetic_seed', 0)}")
     if backend == "webdataset" and data.get("path"):
         return data["path"]
-    raise ValueError(f"{run_dir}/config.yaml: cannot derive reference data from data.backend={backend!r}; "
+    raise UsageError(f"{run_dir}/config.yaml: cannot derive reference data from data.backend={backend!r}; "
                      "give --ref STATS")
 
 
@@ -216,9 +217,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     opts = options_from_args(args)
     if not os.path.isdir(args.run_dir):
-        raise FileNotFoundError(f"run folder {args.run_dir!r} does not exist")
+        raise MissingInput(f"run folder {args.run_dir!r} does not exist")
     if not os.path.isdir(os.path.join(args.run_dir, "checkpoints")) and not args.watch:
-        raise ValueError(f"{args.run_dir!r} is not a run folder (no checkpoints/ in it)")
+        raise UsageError(f"{args.run_dir!r} is not a run folder (no checkpoints/ in it)")
     dist.init()
     ext = make_extractor(args, need_logits="is" in opts.metrics)
     ref = args.ref

@@ -15,12 +15,14 @@ import json
 import os
 from typing import List, Tuple
 
+from trainer.errors import BadInput
+
 GENERATOR_FILE = "generator.safetensors"
 META_FILE = "meta.json"
 CKPT_GLOB = "ckpt-*"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput, ValueError):
     """A checkpoint that is incomplete, corrupt or of another model."""
 
 

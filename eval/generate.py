@@ -20,7 +20,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import dist
+from trainer.errors import BadInput, UsageError
+
+from trainer import dist
 
 
 def balanced_counts(n: int, num_classes: int) -> List[int]:
@@ -82,7 +84,7 @@ def rank_batches(plan: Plan, start: int, end: int, batch_size: int
         yield idx, cls, idx - offsets[cls]
 
 
-class NonFiniteSamples(ValueError):
+class NonFiniteSamples(BadInput, ValueError):
     """The generator produced NaN/inf pixels: its weights are garbage and nothing is scored on them."""
 
 
@@ -127,7 +129,7 @@ def generate(G, plan: Plan, idx: torch.Tensor, cls: torch.Tensor, within: torch.
     y: Optional[torch.Tensor] = cls.to(device) if plan.conditional else None
     x = G(z, y)
     if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"generator returned {tuple(x.shape)}, expected images [B, 3, R, R]")
+        raise UsageError(f"generator returned {tuple(x.shape)}, expected images [B, 3, R, R]")
     x = x.float()
     bad = ~torch.isfinite(x)
     if bad.any():

@@ -24,19 +24,21 @@ float64 sufficient statistics; one all_reduce gives the exact statistics and ran
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
-if __package__ in (None, ""):  # run as a script path: import eval/ as the package, not its files
+if __package__ in (None, ""):  # run as a script path: the repository root on sys.path, not this folder (ARCHITECTURE.md)
     _HERE = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import torch
 
-from eval import dist
+from trainer import dist
 from eval.ckpt import CheckpointError, check_run_config, checkpoint_folder, resolve_generator
 from eval.collect import Collector
 from eval.extractors import FeatureExtractor
@@ -46,6 +48,7 @@ from eval.generate import Plan, SampleHealth, balanced_counts, generate, rank_ba
 from eval.reference import add_extractor_args, make_extractor
 from eval.stats import SufficientStats, frechet_distance, inception_score, kernel_inception_distance, mean_of
 from eval.statsfile import ReferenceStats, StatsError, load_stats
+from trainer.errors import UsageError
 
 METRICS = ("fid", "is", "kid", "intra_fid") + prdc.METRICS
 METRIC_GROUPS = prdc.GROUPS  # pr = precision,recall; dc = density,coverage; prdc = all four
@@ -72,7 +75,7 @@ def parse_metrics(text: str) -> tuple:
     bad = [m for m in names if m not in METRICS and m not in METRIC_GROUPS]
     if bad or not names:
         groups = ", ".join(g + "=" + ",".join(ms) for g, ms in METRIC_GROUPS.items())
-        raise ValueError(f"--metrics {text!r}: unknown {bad}; valid: {','.join(METRICS)} (groups: {groups})")
+        raise UsageError(f"--metrics {text!r}: unknown {bad}; valid: {','.join(METRICS)} (groups: {groups})")
     return prdc.expand(names)
 
 
@@ -93,26 +96,26 @@ def _check(G, ref: ReferenceStats, ext: FeatureExtractor, opts: EvalOptions, num
     main = [m for m in opts.metrics if m != "intra_fid"]
     if set(opts.metrics) & set(prdc.METRICS):
         if opts.prdc_k < 1:
-            raise ValueError(f"--prdc-k must be at least 1, got {opts.prdc_k}")
+            raise UsageError(f"--prdc-k must be at least 1, got {opts.prdc_k}")
         if min(opts.num_samples, opts.prdc_num) <= opts.prdc_k:
-            raise ValueError(f"precision/recall/density/coverage with --prdc-k {opts.prdc_k} need more than "
+            raise UsageError(f"precision/recall/density/coverage with --prdc-k {opts.prdc_k} need more than "
                              f"{opts.prdc_k} samples; got --num-samples {opts.num_samples}, --prdc-num {opts.prdc_num}")
         if not ref.has_prdc_features:
             ref.prdc_features(opts.prdc_num)  # raises with the fix
     if main and opts.num_samples < 2:
-        raise ValueError(f"--num-samples must be at least 2, got {opts.num_samples}")
+        raise UsageError(f"--num-samples must be at least 2, got {opts.num_samples}")
     if main and "fid" in main:
         warn_small_n("FID", opts.num_samples, ext.dim)
     if "kid" in opts.metrics and not ref.has_features:
         ref.features()  # raises with the fix
     if "intra_fid" in opts.metrics:
         if num_classes == 0:
-            raise ValueError(f"intra_fid needs a conditional generator; {gen_path} is unconditional")
+            raise UsageError(f"intra_fid needs a conditional generator; {gen_path} is unconditional")
         if ref.num_classes != num_classes:
             raise StatsError(f"{ref.path} has per-class statistics of {ref.num_classes} classes, the generator "
                              f"has {num_classes}; compute them with `python -m eval.reference --per-class`")
         if opts.per_class < 2:
-            raise ValueError(f"--per-class must be at least 2, got {opts.per_class}")
+            raise UsageError(f"--per-class must be at least 2, got {opts.per_class}")
         warn_small_n("intra-FID", opts.per_class, ext.dim, per_class=True)
     return res
 
@@ -126,8 +129,8 @@ def warn_small_n(metric: str, n: int, dim: int, per_class: bool = False) -> None
                     f"only numbers computed with the same N (published FIDs use 10000-50000)", file=sys.stderr)
 
 
-def _run_pass(G, plan: Plan, ext: FeatureExtractor, opts: EvalOptions, ref: ReferenceStats,
-              per_class: bool, keep_features: bool, keep_logits: bool, health: SampleHealth, feature_index=None):
+def _run_pass(G, plan: Plan, ext: FeatureExtractor, opts: EvalOptions, ref: ReferenceStats, health: SampleHealth, *,
+              per_class: bool, keep_features: bool, keep_logits: bool, feature_index=None):
     """Generate the plan's samples; returns (overall stats, per-class FIDs, features, logits).
 
     Features are kept (on rank 0) for all samples, or only for ``feature_index`` when given."""
@@ -139,7 +142,8 @@ def _run_pass(G, plan: Plan, ext: FeatureExtractor, opts: EvalOptions, ref: Refe
     feats, logits = [], []
     offsets = plan.offsets
     for c0, c1 in plan.class_groups(group):
-        col = Collector(ext, dev, (c1 - c0) if per_class else 1, keep_features, keep_logits, feature_index)
+        col = Collector(ext, dev, (c1 - c0) if per_class else 1, keep_features=keep_features,
+                        keep_logits=keep_logits, feature_index=feature_index)
         for idx, cls, within in rank_batches(plan, offsets[c0], offsets[c1], opts.batch_size):
             col.add(generate(G, plan, idx, cls, within, dev, health), (cls - c0) if per_class else None, idx)
         res = col.finish()
@@ -160,14 +164,31 @@ def _run_pass(G, plan: Plan, ext: FeatureExtractor, opts: EvalOptions, ref: Refe
     return overall, class_fid.cpu().tolist(), cat(feats), cat(logits)
 
 
+@contextlib.contextmanager
+def no_tf32(dev: torch.device) -> Iterator[None]:
+    """On CUDA, convolutions and matmuls in full fp32 (reference numbers are fp32 Inception features);
+    the process-wide TF32 settings are restored afterwards (a trainer calling the evaluator keeps its own)."""
+    if dev.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def evaluate(ckpt: str, ref_path: str, ext: FeatureExtractor, opts: EvalOptions) -> dict:
     """Evaluate one checkpoint. Collective (every rank calls it); returns the results on every rank."""
+    with no_tf32(dist.device()):
+        return _evaluate(ckpt, ref_path, ext, opts)
+
+
+def _evaluate(ckpt: str, ref_path: str, ext: FeatureExtractor, opts: EvalOptions) -> dict:
     from models.export import load_generator, read_generator_meta
     t0 = time.time()
     dev = dist.device()
-    if dev.type == "cuda":  # reference numbers are fp32 Inception features: no TF32 convolutions
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
     ckpt = checkpoint_folder(ckpt)
     gen_path, ckpt_meta = resolve_generator(ckpt)
     try:
@@ -195,13 +216,15 @@ def evaluate(ckpt: str, ref_path: str, ext: FeatureExtractor, opts: EvalOptions)
     if "intra_fid" in m:
         intra_plan = Plan([opts.per_class] * num_classes, True, opts.seed)
         shared = bool(main_metrics) and intra_plan.counts == main_plan.counts
-        overall, class_fid, feats, logits = _run_pass(G, intra_plan, ext, opts, ref, True, shared and keep_features,
-                                                      shared and "is" in m, health, feature_index)
+        overall, class_fid, feats, logits = _run_pass(
+            G, intra_plan, ext, opts, ref, health, per_class=True, keep_features=shared and keep_features,
+            keep_logits=shared and "is" in m, feature_index=feature_index)
         out["intra_fid"] = mean_of(class_fid)
         out["intra_fid_classes"] = class_fid
     if main_metrics and not shared:
-        overall, _, feats, logits = _run_pass(G, main_plan, ext, opts, ref, False, keep_features, "is" in m, health,
-                                              feature_index)
+        overall, _, feats, logits = _run_pass(G, main_plan, ext, opts, ref, health, per_class=False,
+                                              keep_features=keep_features, keep_logits="is" in m,
+                                              feature_index=feature_index)
     health = health.reduce()
     for line in health.warnings():
         dist.print0(f"warning: {gen_path}: {line}; check the samples before trusting the score", file=sys.stderr)

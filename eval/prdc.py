@@ -37,7 +37,8 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import dist
+from trainer import dist
+from trainer.errors import UsageError
 
 METRICS = ("precision", "recall", "density", "coverage")
 GROUPS = {"pr": ("precision", "recall"), "dc": ("density", "coverage"), "prdc": METRICS}
@@ -105,20 +106,20 @@ def prdc(real, fake, k: int = DEFAULT_K, metrics: Sequence[str] = METRICS, devic
     """
     bad = [m for m in metrics if m not in METRICS]
     if bad:
-        raise ValueError(f"unknown metric(s) {bad}; valid: {', '.join(METRICS)}")
+        raise UsageError(f"unknown metric(s) {bad}; valid: {', '.join(METRICS)}")
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise UsageError(f"k must be at least 1, got {k}")
     dev = torch.device(device) if device is not None else dist.device()
     x = torch.as_tensor(np.asarray(real) if not torch.is_tensor(real) else real).to(dev, torch.float64)
     y = torch.as_tensor(np.asarray(fake) if not torch.is_tensor(fake) else fake).to(dev, torch.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"feature sets of different shapes: real {tuple(x.shape)}, generated {tuple(y.shape)}")
+        raise UsageError(f"feature sets of different shapes: real {tuple(x.shape)}, generated {tuple(y.shape)}")
     for name, t in (("real", x), ("generated", y)):
         if t.shape[0] <= k:
-            raise ValueError(f"precision/recall/density/coverage with k={k} need more than {k} {name} samples, "
+            raise UsageError(f"precision/recall/density/coverage with k={k} need more than {k} {name} samples, "
                              f"got {t.shape[0]}")
         if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"the {name} features hold non-finite values (NaN/inf)")
+            raise UsageError(f"the {name} features hold non-finite values (NaN/inf)")
     want = set(metrics)
     rad_x = knn_radii_sq(x, k, block)
     rad_y = knn_radii_sq(y, k, block) if "recall" in want else None

@@ -23,18 +23,19 @@ import sys
 import time
 from typing import Optional, Tuple
 
-if __package__ in (None, ""):  # run as a script path: import eval/ as the package, not its files
+if __package__ in (None, ""):  # run as a script path: the repository root on sys.path, not this folder (ARCHITECTURE.md)
     _HERE = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import torch
 
-from eval import dist
+from trainer import dist
 from eval.collect import Collected, Collector
 from eval.data import Source, open_source
 from eval.extractors import FeatureExtractor, build_extractor, extractor_names
 from eval.prdc import spread_subset
 from eval.statsfile import ReferenceStats, StatsError, save_stats
+from trainer.errors import UsageError
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sngan", "reference")
 
@@ -76,7 +77,7 @@ def collect_source(source: Source, extractor: FeatureExtractor, n: int, *, batch
     for images, labels, index in source.batches(start, end, batch_size, workers):
         resolution = resolution or int(images.shape[-1])
         if per_class and (labels.min() < 0 or labels.max() >= groups):
-            raise ValueError(f"labels outside [0, {groups}) in {spec or 'the data'}")
+            raise UsageError(f"labels outside [0, {groups}) in {spec or 'the data'}")
         collector.add(images, labels if per_class else None, index)
     report_skipped(source, spec)
     res = collector.finish()
@@ -108,16 +109,16 @@ def compute_reference(source: Source, extractor: FeatureExtractor, out: Optional
     """
     n = len(source) if num_images <= 0 else num_images
     if n > len(source):
-        raise ValueError(f"--num-images {n} is more than the {len(source)} images of {spec or 'the data'}")
+        raise UsageError(f"--num-images {n} is more than the {len(source)} images of {spec or 'the data'}")
     if n < 2:
-        raise ValueError(f"{n} image(s) give no covariance; use at least 2 (50000 is the usual choice)")
+        raise UsageError(f"{n} image(s) give no covariance; use at least 2 (50000 is the usual choice)")
     if n < extractor.dim:
         dist.print0(f"warning: statistics of {n} images with {extractor.dim}-dimensional features are rank-deficient; "
                     f"FIDs against them are strongly biased upward (50000 is the usual choice)", file=sys.stderr)
     if per_class and source.num_classes <= 0:
-        raise ValueError(f"--per-class needs labelled data; {spec or 'this source'} has no class labels")
+        raise UsageError(f"--per-class needs labelled data; {spec or 'this source'} has no class labels")
     if prdc_features < 0:
-        raise ValueError(f"--prdc-features must be >= 0, got {prdc_features}")
+        raise UsageError(f"--prdc-features must be >= 0, got {prdc_features}")
     prdc_features = 0 if keep_features else prdc_features  # all features serve precision/recall too
     key = cache_key(source, extractor.family, n, per_class, keep_features, prdc_features)
     path = out or cached_path(key, cache_dir)
@@ -132,7 +133,7 @@ def compute_reference(source: Source, extractor: FeatureExtractor, out: Optional
                                      feature_index=None if prdc_index is None else torch.from_numpy(prdc_index))
     thin = [c for c in range(groups) if res.stats.count(c) < 2] if per_class else []
     if thin:  # the reduced statistics are identical on every rank: all raise together
-        raise ValueError(f"classes {thin[:10]} have fewer than 2 images among the first {n}")
+        raise UsageError(f"classes {thin[:10]} have fewer than 2 images among the first {n}")
     if dist.is_main():
         total = res.stats.merged()
         mu, sigma = total.mean_cov()

@@ -27,15 +27,16 @@ import sys
 import time
 from typing import Iterator, List, Optional, Tuple
 
-if __package__ in (None, ""):  # run as a script path: import eval/ as the package, not its files
+if __package__ in (None, ""):  # run as a script path: the repository root on sys.path, not this folder (ARCHITECTURE.md)
     _HERE = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import numpy as np
 import torch
 
-from eval import dist
+from trainer import dist
 from eval.generate import NonFiniteSamples, Plan, balanced_counts, generate
+from trainer.errors import UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 OUR_NAME = re.compile(r"^\d{6,}(_c\d+)?\.png$")
@@ -52,15 +53,15 @@ def parse_classes(text: Optional[str], num_classes: int) -> Optional[List[int]]:
     try:
         classes = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--classes {text!r}: expected comma-separated class indices, e.g. 1,2,5") from None
+        raise UsageError(f"--classes {text!r}: expected comma-separated class indices, e.g. 1,2,5") from None
     if not classes:
-        raise ValueError(f"--classes {text!r}: names no class; e.g. --classes 1,2,5")
+        raise UsageError(f"--classes {text!r}: names no class; e.g. --classes 1,2,5")
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
-        raise ValueError(f"--classes {text!r}: {bad} outside the generator's classes 0..{num_classes - 1}")
+        raise UsageError(f"--classes {text!r}: {bad} outside the generator's classes 0..{num_classes - 1}")
     twice = sorted({c for c in classes if classes.count(c) > 1})
     if twice:
-        raise ValueError(f"--classes {text!r}: lists {twice} more than once; name each class once")
+        raise UsageError(f"--classes {text!r}: lists {twice} more than once; name each class once")
     return sorted(classes)
 
 
@@ -70,27 +71,27 @@ def make_plan(num: Optional[int], num_classes: int, classes: Optional[str], per_
     if num_classes == 0:
         for flag, value in (("--classes", classes), ("--per-class", per_class)):
             if value is not None:
-                raise ValueError(f"{flag} {value}: the generator is unconditional (it has no classes); "
+                raise UsageError(f"{flag} {value}: the generator is unconditional (it has no classes); "
                                  f"drop {flag}")
         if num is None:
-            raise ValueError("--num N is required: how many images to write")
+            raise UsageError("--num N is required: how many images to write")
         if num < 1:
-            raise ValueError(f"--num {num}: must be at least 1")
+            raise UsageError(f"--num {num}: must be at least 1")
         return Plan([num], False, seed)
     chosen = parse_classes(classes, num_classes) or list(range(num_classes))
     if per_class is not None:
         if per_class < 1:
-            raise ValueError(f"--per-class {per_class}: must be at least 1")
+            raise UsageError(f"--per-class {per_class}: must be at least 1")
         total = per_class * len(chosen)
         if num is not None and num != total:
-            raise ValueError(f"--num {num} contradicts --per-class {per_class} x {len(chosen)} classes = {total}; "
+            raise UsageError(f"--num {num} contradicts --per-class {per_class} x {len(chosen)} classes = {total}; "
                              f"drop --num")
         share = [per_class] * len(chosen)
     else:
         if num is None:
-            raise ValueError("--num N is required (or --per-class K for K images of each class)")
+            raise UsageError("--num N is required (or --per-class K for K images of each class)")
         if num < 1:
-            raise ValueError(f"--num {num}: must be at least 1")
+            raise UsageError(f"--num {num}: must be at least 1")
         share = balanced_counts(num, len(chosen))
     counts = [0] * num_classes
     for c, k in zip(chosen, share):
@@ -183,7 +184,7 @@ def pick_device(choice: str) -> torch.device:
         return dist.device()
     if choice == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+            raise UsageError("--device cuda: no CUDA device is available here; use --device cpu or auto")
         if dist.device().type == "cuda":      # the launcher's device for this rank
             return dist.device()
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
@@ -224,7 +225,7 @@ def sample(args) -> dict:
         problem = folder_problem(args.out, plan, args.overwrite) if dist.is_main() else None
         problem = dist.broadcast_object(problem)
         if problem:
-            raise ValueError(problem)
+            raise UsageError(problem)
         if dist.is_main():
             os.makedirs(args.out, exist_ok=True)
         dist.barrier()
@@ -299,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
+        raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
     dist.init()
     s = sample(args)
     if dist.is_main():

@@ -16,7 +16,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import dist
+from trainer import dist
+from trainer.errors import UsageError
 
 
 class SufficientStats:
@@ -63,7 +64,7 @@ class SufficientStats:
         """Mean and unbiased covariance (float64 numpy) of group ``g``."""
         d, n = self.dim, self.count(g)
         if n < 2:
-            raise ValueError(f"statistics of {n} sample(s) have no covariance; need at least 2")
+            raise UsageError(f"statistics of {n} sample(s) have no covariance; need at least 2")
         row = self.buf[g].cpu()
         mu = row[d * d: d * d + d] / n
         sigma = (row[: d * d].view(d, d) - n * torch.outer(mu, mu)) / (n - 1)
@@ -111,7 +112,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, device="cpu") -> float:
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64, device=device)  # noqa: E731
     mu1, mu2, s1, s2 = t(mu1), t(mu2), t(sigma1), t(sigma2)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.numel(), mu1.numel()):
-        raise ValueError(f"statistics of different dimensions: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
+        raise UsageError(f"statistics of different dimensions: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
                          f"sigma {tuple(s1.shape)} vs {tuple(s2.shape)}")
     s1, s2 = 0.5 * (s1 + s1.t()), 0.5 * (s2 + s2.t())
     diff = mu1 - mu2
@@ -126,7 +127,7 @@ def inception_score(logits: torch.Tensor, splits: int = 10, shuffle_seed: Option
     """
     n = logits.shape[0]
     if n < splits:
-        raise ValueError(f"IS with {splits} splits needs at least {splits} samples, got {n}")
+        raise UsageError(f"IS with {splits} splits needs at least {splits} samples, got {n}")
     x = logits.double().cpu()
     if shuffle_seed is not None:
         x = x[torch.from_numpy(np.random.RandomState(shuffle_seed).permutation(n))]
@@ -161,7 +162,7 @@ def kernel_inception_distance(f1, f2, subsets: int = 100, subset_size: int = 100
     f2 = torch.as_tensor(np.asarray(f2), dtype=torch.float64, device=device)
     n1, n2 = f1.shape[0], f2.shape[0]
     if min(n1, n2) < subset_size:
-        raise ValueError(f"KID subset size {subset_size} is larger than a feature set ({n1} generated, "
+        raise UsageError(f"KID subset size {subset_size} is larger than a feature set ({n1} generated, "
                          f"{n2} reference); lower --kid-subset-size or use more samples")
     rng = np.random.RandomState(seed)
     values = []

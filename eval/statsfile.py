@@ -21,10 +21,12 @@ from typing import Iterable, Optional, Tuple
 
 import numpy as np
 
+from trainer.errors import BadInput
+
 FORMAT = "sngan-fid-stats/1"
 
 
-class StatsError(ValueError):
+class StatsError(BadInput, ValueError):
     """A statistics file that is missing, unreadable or does not fit the evaluation."""
 
 

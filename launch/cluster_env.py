@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from trainer.errors import BadInput
+
 # Master ports are derived from the job id inside [PORT_BASE, PORT_BASE + PORT_SPAN):
 # below Linux's ephemeral range (32768-60999), so no outgoing connection on the
 # master node can already hold the port, and distinct for concurrent jobs
@@ -25,7 +27,7 @@ PORT_SPAN = 10000
 REQUIRED = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
 
 
-class SlurmEnvError(ValueError):
+class SlurmEnvError(BadInput, ValueError):
     """The environment is not a SLURM task's, or a variable cannot be read."""
 
 

@@ -1,4 +1,4 @@
-"""Train and score each row of a comparison table: ``python -m eval.compare --suite seeds [--quick]``.
+"""Train and score each row of a comparison table: ``python -m launch.compare --suite seeds [--quick]``.
 
 Suites (``--suite``):
 
@@ -21,7 +21,7 @@ statistics of the training data, FID always and IS when the extractor has logits
 when (1) training finished with finite losses, (2) FID < ``--fid-threshold`` and (3) it has not
 collapsed: its recall (improved recall, Kynkäänniemi et al. 2019, k = 3: the fraction of real
 images inside the k-NN ball of some generated image) is at least ``--min-recall`` (0.25; see
-eval/compare_score.py). The table (markdown) is printed and
+launch/compare_score.py). The table (markdown) is printed and
 written to ``OUT/compare.md`` with the numbers in ``OUT/compare.json``; each row's run folder is
 ``OUT/<experiment>/`` (a rerun reuses finished runs, so an interrupted comparison continues; a
 folder trained with another config is refused). Trailing ``KEY=VALUE`` arguments override the
@@ -59,18 +59,21 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-if __package__ in (None, ""):  # run as a script path: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script path: the repository root on sys.path, not this folder (ARCHITECTURE.md)
+    _HERE = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from eval.compare_score import (  # noqa: E402,F401  (Scorer, verdict: part of this module's interface)
-    Scorer, checkpoint_step, copy_grids, make_scorer, score_rows, table, verdict)
+from launch.compare_score import (  # noqa: E402,F401  (Scorer, verdict: part of this module's interface)
+    NO_FINAL_CHECKPOINT, TRAINER_RAISED, RowResult, Scorer, checkpoint_step, copy_grids, make_scorer, score_rows,
+    table, verdict)
+from trainer.errors import EXIT_OK, EXIT_PREEMPTED, Preempted, UsageError, exit_code_of  # noqa: E402
 
 
-class Interrupted(RuntimeError):
+class Interrupted(Preempted, RuntimeError):
     """A row's training was stopped by a signal."""
 
 
@@ -220,12 +223,12 @@ def check_run_folder(run_dir: str, cfg) -> None:
         with open(path) as fh:
             old = yaml.safe_load(fh) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path} is unreadable ({exc}); remove {run_dir} or use another --out") from exc
+        raise UsageError(f"{path} is unreadable ({exc}); remove {run_dir} or use another --out") from exc
     # a key that a later sngan version added (absent from the old config) is not a difference
     diff = {k: v for k, v in config_diff(old, to_dict(cfg)).items() if k not in RERUN_KEYS}
     if diff:
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise ValueError(f"{run_dir} was trained with another config ({shown}); use another --out "
+        raise UsageError(f"{run_dir} was trained with another config ({shown}); use another --out "
                          "or remove that folder")
 
 
@@ -313,7 +316,7 @@ def select_rows(suite: str, names: Optional[str]) -> List[Row]:
     known = {r.exp: r for r in rows}
     bad = [n for n in wanted if n not in known]
     if bad:
-        raise ValueError(f"--rows {bad} are not in suite {suite!r}; valid: {', '.join(known)}")
+        raise UsageError(f"--rows {bad} are not in suite {suite!r}; valid: {', '.join(known)}")
     return [known[n] for n in wanted]
 
 
@@ -325,11 +328,11 @@ def check_data(cfg) -> None:
     try:
         resolve_shards(cfg.data.path, remote=True)
     except (FileNotFoundError, ValueError) as exc:
-        raise ValueError(f"{cfg.exp}: data.path={cfg.data.path!r} has no readable shards ({exc}); prepare them "
+        raise UsageError(f"{cfg.exp}: data.path={cfg.data.path!r} has no readable shards ({exc}); prepare them "
                          "(see the experiment YAML) or pass --data-path") from exc
 
 
-def train_rows(rows: Sequence[Row], args) -> List[dict]:
+def train_rows(rows: Sequence[Row], args) -> List[RowResult]:
     """Train every row that has no final checkpoint yet; returns one record per row."""
     from trainer.config import load_config
     configs = []
@@ -345,13 +348,13 @@ def train_rows(rows: Sequence[Row], args) -> List[dict]:
     for row, overrides, cfg in configs:
         run_dir = os.path.join(args.out, row.exp)
         os.makedirs(run_dir, exist_ok=True)
-        r = {"name": row.name, "exp": row.exp, "loss": cfg.loss.name, "constraint": cfg.model.d_constraint,
-             "n_dis": cfg.train.n_dis, "steps": cfg.train.steps, "run_dir": run_dir, "overrides": overrides}
+        r = RowResult(name=row.name, exp=row.exp, loss=cfg.loss.name, constraint=cfg.model.d_constraint,
+                      n_dis=cfg.train.n_dis, steps=cfg.train.steps, run_dir=run_dir, overrides=overrides)
         ckpt = finished_checkpoint(run_dir, cfg.train.steps)
         if ckpt is not None:
             timing = os.path.join(run_dir, "train_seconds.txt")
-            r["exit"] = 0
-            r["train_seconds"] = float(open(timing).read()) if os.path.isfile(timing) else None
+            r.exit = EXIT_OK
+            r.train_seconds = float(open(timing).read()) if os.path.isfile(timing) else None
             print(f"[compare] {row.name}: reusing {ckpt}", flush=True)
         else:
             todo.append(r)
@@ -363,38 +366,38 @@ def train_rows(rows: Sequence[Row], args) -> List[dict]:
             _announce(r)
             t0 = time.time()
             try:
-                r["exit"] = train_row(r["exp"], r["run_dir"], r["overrides"], args.launcher)
+                r.exit = train_row(r.exp, r.run_dir, r.overrides, args.launcher)
             except Exception as exc:  # one broken row must not take the table down
-                r["exit"], r["error"] = -2, f"{type(exc).__name__}: {exc}"
-                print(f"[compare] {r['name']} failed: {r['error']}", file=sys.stderr, flush=True)
+                r.exit, r.error = TRAINER_RAISED, f"{type(exc).__name__}: {exc}"
+                print(f"[compare] {r.name} failed: {r.error}", file=sys.stderr, flush=True)
             _finish(r, time.time() - t0)
-    interrupted = [r["exp"] for r in todo if r["exit"] == 75]
+    interrupted = [r.exp for r in todo if r.exit == EXIT_PREEMPTED]
     if interrupted:  # a stop signal: the trainers checkpointed; the same command continues
         raise Interrupted(f"stopped while training {', '.join(interrupted)} (checkpoints written); run the "
                           "same command again to continue")
     for r in results:
-        r["ckpt"] = finished_checkpoint(r["run_dir"], r["steps"])
-        if r["exit"] == 0 and r["ckpt"] is None:
-            r["exit"] = -1  # reported success without the final checkpoint
-        if r["ckpt"] is not None:
-            r["steps"] = checkpoint_step(r["ckpt"])
+        r.ckpt = finished_checkpoint(r.run_dir, r.steps)
+        if r.exit == EXIT_OK and r.ckpt is None:
+            r.exit = NO_FINAL_CHECKPOINT
+        if r.ckpt is not None:
+            r.steps = checkpoint_step(r.ckpt)
     return results
 
 
-def _announce(r: dict) -> None:
-    print(f"[compare] training {r['name']} ({r['exp']}) for {r['steps']} G steps -> {r['run_dir']}", flush=True)
+def _announce(r: RowResult) -> None:
+    print(f"[compare] training {r.name} ({r.exp}) for {r.steps} G steps -> {r.run_dir}", flush=True)
 
 
-def _finish(r: dict, seconds: float) -> None:
-    r["train_seconds"] = seconds
-    with open(os.path.join(r["run_dir"], "train_seconds.txt"), "w") as fh:
+def _finish(r: RowResult, seconds: float) -> None:
+    r.train_seconds = seconds
+    with open(os.path.join(r.run_dir, "train_seconds.txt"), "w") as fh:
         fh.write(f"{seconds:.1f}\n")
-    if r["exit"] not in (0, 75):
-        print(f"[compare] {r['name']} exited with status {r['exit']} (log: {r['run_dir']}/train.log)",
+    if r.exit not in (EXIT_OK, EXIT_PREEMPTED):
+        print(f"[compare] {r.name} exited with status {r.exit} (log: {r.run_dir}/train.log)",
               file=sys.stderr, flush=True)
 
 
-def _train_parallel(todo: List[dict], args) -> None:
+def _train_parallel(todo: List[RowResult], args) -> None:
     """Train up to ``--jobs`` rows at once, each in its own process with ``--threads`` threads."""
     import signal
     pending, running = list(todo), {}
@@ -411,13 +414,13 @@ def _train_parallel(todo: List[dict], args) -> None:
             while pending and len(running) < args.jobs and not stop:
                 r = pending.pop(0)
                 _announce(r)
-                running[r["exp"]] = (r, start_row(r["exp"], r["run_dir"], r["overrides"], args.launcher), time.time())
+                running[r.exp] = (r, start_row(r.exp, r.run_dir, r.overrides, args.launcher), time.time())
             time.sleep(0.5)
             for exp, (r, proc, t0) in list(running.items()):
                 if proc.poll() is not None:
-                    r["exit"] = proc.returncode
+                    r.exit = proc.returncode
                     _finish(r, time.time() - t0)
-                    print(f"[compare] {r['name']}: trained in {r['train_seconds']:.0f}s (exit {r['exit']})", flush=True)
+                    print(f"[compare] {r.name}: trained in {r.train_seconds:.0f}s (exit {r.exit})", flush=True)
                     del running[exp]
             if stop and not running:
                 break
@@ -425,28 +428,28 @@ def _train_parallel(todo: List[dict], args) -> None:
         for r, proc, _ in running.values():  # interrupted here (Ctrl-C, an error): checkpoint and stop
             proc.terminate()
         for r, proc, t0 in running.values():
-            r["exit"] = proc.wait()
+            r.exit = proc.wait()
             _finish(r, time.time() - t0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     for r in pending:  # never started because of a stop signal
-        r["exit"] = 75
+        r.exit = EXIT_PREEMPTED
 
 
-def run(args) -> List[dict]:
-    from eval import dist
+def run(args) -> List[RowResult]:
+    from trainer import dist
     rows = select_rows(args.suite, args.rows)
     if args.num_samples < 2:
-        raise ValueError(f"--num-samples must be at least 2, got {args.num_samples}")
+        raise UsageError(f"--num-samples must be at least 2, got {args.num_samples}")
     for flag in ("steps", "batch_size", "width", "width_scale", "batch_scale"):
         if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
     if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+        raise UsageError(f"--threads must be >= 0, got {args.threads}")
     if not 0 <= args.min_recall <= 1:
-        raise ValueError(f"--min-recall must be in [0, 1] (a fraction of the real images), got {args.min_recall}")
+        raise UsageError(f"--min-recall must be in [0, 1] (a fraction of the real images), got {args.min_recall}")
     os.makedirs(args.out, exist_ok=True)
     threads = torch.get_num_threads()
     try:
@@ -463,10 +466,10 @@ def run(args) -> List[dict]:
     finally:
         torch.set_num_threads(threads)  # main() may be called from another program (the tests)
     text = table(results, args, floor)
-    grids = [r for r in results if r.get("grid")]
+    grids = [r for r in results if r.grid]
     if grids:
         text += "\n\nLast sample grid of each row (fixed noise, the trainer's own grid at its final step):\n\n"
-        text += "\n".join(f"- {r['name']}: ![{r['exp']}]({r['grid']})" for r in grids)
+        text += "\n".join(f"- {r.name}: ![{r.exp}]({r.grid})" for r in grids)
     if dist.is_main():
         with open(os.path.join(args.out, "compare.md"), "w") as fh:
             fh.write(text + "\n")
@@ -474,7 +477,7 @@ def run(args) -> List[dict]:
             json.dump({"suite": args.suite, "quick": args.quick, "num_samples": args.num_samples,
                        "extractor": scorer.ext.name, "feature_family": scorer.ext.family,
                        "fid_threshold": args.fid_threshold, "min_recall": args.min_recall,
-                       "threads": args.threads, "real_floor": floor, "rows": results}, fh, indent=1)
+                       "threads": args.threads, "real_floor": floor, "rows": [r.to_json() for r in results]}, fh, indent=1)
         print(text, flush=True)
     return results
 
@@ -482,17 +485,18 @@ def run(args) -> List[dict]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     resolve_defaults(args)
-    from eval.extractors import ExtractorUnavailable
-    from trainer.config import ConfigError
     try:
         run(args)
-    except (ValueError, ConfigError, ExtractorUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except Interrupted as exc:
         print(f"[compare] {exc}", file=sys.stderr)
-        return 75
-    return 0
+        return EXIT_PREEMPTED
+    except Exception as exc:
+        code = exit_code_of(exc)  # declared bad input (config, extractor, data, statistics, flags)
+        if code is None:
+            raise  # a bug keeps its traceback (exit 1)
+        print(f"error: {exc}", file=sys.stderr)
+        return code
+    return EXIT_OK
 
 
 if __name__ == "__main__":

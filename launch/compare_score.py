@@ -1,7 +1,7 @@
-"""Scoring and reporting for ``eval.compare``: the scorer (FID, IS, KID, improved precision and recall,
+"""Scoring and reporting for ``launch.compare``: the scorer (FID, IS, KID, improved precision and recall,
 density and coverage, and the feature variance ratio of N generated or real images against reference
 statistics), the "works" verdict, the markdown table and the sample grids. The training side and
-the command line are in eval/compare.py.
+the command line are in launch/compare.py.
 
 The "works" criterion (:func:`verdict`): training finished with finite losses, FID below
 ``--fid-threshold`` and **recall >= ``--min-recall`` (0.25)**, recall being the improved recall of
@@ -22,10 +22,12 @@ import json
 import math
 import os
 import time
-from typing import List, Optional, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from trainer.errors import EXIT_DIVERGED, EXIT_OK, UsageError
 
 
 def checkpoint_step(ckpt: str) -> int:
@@ -50,7 +52,7 @@ class Scorer:
         """Statistics of the batches' images ``[first, first + n)``; features of all (KID) or of the
         precision/recall subset."""
         from eval.collect import Collector
-        from eval.dist import device
+        from trainer.dist import device
         from eval.prdc import spread_subset
         subset = None  # KID: all features; else the precision/recall subset only
         if self.ref_features is None:
@@ -70,7 +72,7 @@ class Scorer:
 
     def set_reference(self, source, cache: Optional[str] = None) -> None:
         from eval.statsfile import StatsError, load_stats, save_stats
-        from eval.dist import is_main
+        from trainer.dist import is_main
         from eval.prdc import spread_subset
         index = spread_subset(self.n, self.prdc_num)
         if cache and os.path.isfile(cache):
@@ -86,7 +88,7 @@ class Scorer:
         self.ref_prdc = np.zeros((0, self.ext.dim), np.float32)  # keep the subset's features while collecting
         mu, sigma, _, feats = self.real_stats(source, 0)
         self.ref = (mu, sigma)
-        from eval.dist import device
+        from trainer.dist import device
         from eval.prdc import share
         self.ref_prdc = share(feats, device()).cpu().numpy()
         if cache and is_main():
@@ -108,7 +110,7 @@ class Scorer:
         out = {"fid": frechet_distance(mu, sigma, *self.ref),
                "variance_ratio": float(np.trace(sigma) / np.trace(self.ref[1]))}
         if self.ref_prdc is not None:  # collective: features are on rank 0, every rank takes part
-            from eval.dist import device, is_main
+            from trainer.dist import device, is_main
             from eval.prdc import prdc, share, spread_subset
             fake = None
             if is_main():
@@ -123,7 +125,7 @@ class Scorer:
         return out
 
     def generated(self, gen_path: str) -> dict:
-        from eval.dist import device
+        from trainer.dist import device
         from eval.generate import Plan, SampleHealth, balanced_counts, generate, rank_batches
         from models.export import load_generator
         G, _ = load_generator(gen_path, device=device())
@@ -137,16 +139,48 @@ class Scorer:
         return out
 
 
-def verdict(r: dict, threshold: float, min_recall: float) -> str:
+# A row's ``exit`` is its trainer's exit status (trainer.errors.EXIT_*) or one of these:
+NO_FINAL_CHECKPOINT = -1   # the trainer reported success, but the final checkpoint is missing
+TRAINER_RAISED = -2        # training in this process raised (``error`` holds the exception)
+
+
+@dataclass
+class RowResult:
+    """One row of a study: what it trained, how training ended, its scores and its verdict (one
+    element of ``compare.json``'s ``rows``, flattened by :meth:`to_json`)."""
+    name: str
+    exp: str
+    loss: str
+    constraint: str
+    n_dis: int
+    steps: int                                   # G steps: the budget, then the final checkpoint's step
+    run_dir: str
+    overrides: List[str]
+    exit: Optional[int] = None                   # None: not trained yet
+    error: Optional[str] = None
+    train_seconds: Optional[float] = None
+    ckpt: Optional[str] = None                   # the final checkpoint
+    scores: Dict[str, Any] = field(default_factory=dict)   # fid, is, kid, precision, recall, ... (Scorer.score)
+    verdict: str = ""
+    grid: Optional[str] = None                   # OUT/grids/<exp>.png, relative to OUT
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in asdict(self).items()
+               if k != "scores" and not (k in ("error", "grid") and v is None)}
+        out.update(self.scores)
+        return out
+
+
+def verdict(r: RowResult, threshold: float, min_recall: float) -> str:
     """The "works" criterion: finite losses, FID < ``threshold``, recall >= ``min_recall`` (see the module doc)."""
-    if r.get("exit") != 0:
-        if r.get("exit") == 1:
+    if r.exit != EXIT_OK:
+        if r.exit == EXIT_DIVERGED:
             return "does not work (diverged: non-finite loss)"
-        return f"failed ({r['error']})" if "error" in r else f"failed (trainer exit {r.get('exit')})"
-    fid = r.get("fid", math.inf)
+        return f"failed ({r.error})" if r.error is not None else f"failed (trainer exit {r.exit})"
+    fid = r.scores.get("fid", math.inf)
     if not math.isfinite(fid):
         return "does not work (non-finite FID)"
-    recall = r.get("recall")
+    recall = r.scores.get("recall")
     if recall is None:
         return "failed (no recall: scored without the reference's features)"
     if recall < min_recall:
@@ -156,10 +190,10 @@ def verdict(r: dict, threshold: float, min_recall: float) -> str:
     return "works"
 
 
-def table(rows: Sequence[dict], args, floor: Optional[dict]) -> str:
-    has_is = any("is" in r for r in rows) or bool(floor and "is" in floor)
-    has_kid = any("kid" in r for r in rows) or bool(floor and "kid" in floor)
-    has_score_s = any(r.get("score_seconds") for r in rows)
+def table(rows: Sequence[RowResult], args, floor: Optional[dict]) -> str:
+    has_is = any("is" in r.scores for r in rows) or bool(floor and "is" in floor)
+    has_kid = any("kid" in r.scores for r in rows) or bool(floor and "kid" in floor)
+    has_score_s = any(r.scores.get("score_seconds") for r in rows)
     head = ["row", "experiment", "loss", "D constraint", "n_dis", "G steps", "train s"]
     head += ["score s"] if has_score_s else []
     head += [f"FID ({args.extractor})"]
@@ -186,14 +220,14 @@ def table(rows: Sequence[dict], args, floor: Optional[dict]) -> str:
         cells += [fmt(floor["variance_ratio"], ".2f"), "(reference)"]
         lines.append("| " + " | ".join(cells) + " |")
     for r in rows:
-        cells = [r["name"], f"`{r['exp']}`", r["loss"], r["constraint"], str(r["n_dis"]), str(r["steps"]),
-                 fmt(r.get("train_seconds"), ".0f")]
-        cells += [fmt(r.get("score_seconds"), ".0f")] if has_score_s else []
-        cells += [fmt(r.get("fid"), ".2f")]
-        cells += [kid(r)] if has_kid else []
-        cells += [fmt(r.get("is"), ".2f")] if has_is else []
-        cells += [fmt(r.get("precision"), ".2f"), fmt(r.get("recall"), ".2f")]
-        cells += [fmt(r.get("variance_ratio"), ".2f"), r["verdict"]]
+        sc = r.scores
+        cells = [r.name, f"`{r.exp}`", r.loss, r.constraint, str(r.n_dis), str(r.steps), fmt(r.train_seconds, ".0f")]
+        cells += [fmt(sc.get("score_seconds"), ".0f")] if has_score_s else []
+        cells += [fmt(sc.get("fid"), ".2f")]
+        cells += [kid(sc)] if has_kid else []
+        cells += [fmt(sc.get("is"), ".2f")] if has_is else []
+        cells += [fmt(sc.get("precision"), ".2f"), fmt(sc.get("recall"), ".2f")]
+        cells += [fmt(sc.get("variance_ratio"), ".2f"), r.verdict]
         lines.append("| " + " | ".join(cells) + " |")
     mode = "quick (CPU)" if args.quick else "full"
     lines.append("")
@@ -216,23 +250,23 @@ def table(rows: Sequence[dict], args, floor: Optional[dict]) -> str:
     return "\n".join(lines)
 
 
-def copy_grids(results: List[dict], out: str) -> None:
+def copy_grids(results: List[RowResult], out: str) -> None:
     """Each row's last sample grid (written by the trainer at its final step) into OUT/grids/<exp>.png."""
     import shutil
     folder = os.path.join(out, "grids")
     os.makedirs(folder, exist_ok=True)
     for r in results:
-        if r.get("ckpt") is None:
+        if r.ckpt is None:
             continue
-        grid = os.path.join(r["run_dir"], "samples", f"step-{checkpoint_step(r['ckpt']):09d}.png")
+        grid = os.path.join(r.run_dir, "samples", f"step-{checkpoint_step(r.ckpt):09d}.png")
         if os.path.isfile(grid):
-            shutil.copyfile(grid, os.path.join(folder, f"{r['exp']}.png"))
-            r["grid"] = os.path.join("grids", f"{r['exp']}.png")
+            shutil.copyfile(grid, os.path.join(folder, f"{r.exp}.png"))
+            r.grid = os.path.join("grids", f"{r.exp}.png")
 
 
 def make_scorer(args, rows: Sequence):
     """The scorer with its reference statistics, and the real-data row (or None)."""
-    from eval import dist
+    from trainer import dist
     from eval.data import open_source
     from eval.extractors import build_extractor
     from trainer.config import load_config
@@ -242,21 +276,21 @@ def make_scorer(args, rows: Sequence):
     if args.ref:
         scorer.load_reference(args.ref)
         if scorer.ref_prdc is None:
-            raise ValueError(f"--ref {args.ref} holds no features, which the 'works' criterion's recall needs; "
+            raise UsageError(f"--ref {args.ref} holds no features, which the 'works' criterion's recall needs; "
                              "recompute it with `python -m eval.reference ... --prdc-features 10000` "
                              "(or --keep-features)")
         floor = None
         if args.floor_data and not args.no_floor:
             n_floor = len(open_source(args.floor_data))  # a bad --floor-data fails before any scoring
             if n_floor < args.num_samples:
-                raise ValueError(f"--floor-data {args.floor_data} has {n_floor} images, fewer than "
+                raise UsageError(f"--floor-data {args.floor_data} has {n_floor} images, fewer than "
                                  f"--num-samples {args.num_samples}")
             floor = lambda: real_floor(scorer, args)  # noqa: E731  (scored after the rows, cached)
         return scorer, floor
     data = "synthetic:32" if args.quick else (args.data_path or load_config(rows[0].exp).data.path)
     source = open_source(data)
     if len(source) < args.num_samples:
-        raise ValueError(f"{data} has {len(source)} images, fewer than --num-samples {args.num_samples}")
+        raise UsageError(f"{data} has {len(source)} images, fewer than --num-samples {args.num_samples}")
     safe = ext.family.replace("/", "_")
     scorer.set_reference(source, os.path.join(args.out, f"reference-{safe}-{args.num_samples}.npz"))
     floor = None
@@ -274,7 +308,7 @@ def settings_tag(settings: dict) -> str:
 def real_floor(scorer: Scorer, args) -> dict:
     """The real-data row: N images of ``--floor-data`` against the reference statistics, cached in
     OUT/floor-<settings>.json like a row's score, so an interrupted study never computes it twice."""
-    from eval import dist
+    from trainer import dist
     from eval.data import open_source
     settings = {"extractor": scorer.ext.family, "n": scorer.n, "seed": scorer.seed, "ref": args.ref or "",
                 "data": args.floor_data, "kid": scorer.ref_features is not None,
@@ -298,29 +332,29 @@ def real_floor(scorer: Scorer, args) -> dict:
     return floor
 
 
-def score_rows(results: List[dict], scorer: Scorer, args) -> None:
+def score_rows(results: List[RowResult], scorer: Scorer, args) -> None:
     """Score every trained row; a row's score is cached in its run folder (score-<settings>.json), so
     an interrupted comparison does not score a row twice."""
-    from eval import dist
+    from trainer import dist
     settings = {"extractor": scorer.ext.family, "n": scorer.n, "seed": scorer.seed, "ref": args.ref or "",
                 "kid": scorer.ref_features is not None, "prdc": [scorer.prdc_k, scorer.prdc_num]}
     tag = settings_tag(settings)
     for r in results:
-        if r["exit"] == 0:
-            cache = os.path.join(r["run_dir"], f"score-{tag}.json")
+        if r.exit == EXIT_OK:
+            cache = os.path.join(r.run_dir, f"score-{tag}.json")
             cached = None
             if os.path.isfile(cache):
                 with open(cache) as fh:
                     cached = json.load(fh)
-                if cached.get("ckpt") != r["ckpt"]:
+                if cached.get("ckpt") != r.ckpt:
                     cached = None
             if cached is None:
                 t0 = time.time()
-                cached = scorer.generated(os.path.join(r["ckpt"], "generator.safetensors"))
-                cached.update(ckpt=r["ckpt"], score_seconds=time.time() - t0, settings=settings)
+                cached = scorer.generated(os.path.join(r.ckpt, "generator.safetensors"))
+                cached.update(ckpt=r.ckpt, score_seconds=time.time() - t0, settings=settings)
                 if dist.is_main():
                     with open(cache, "w") as fh:
                         json.dump(cached, fh)
-            r.update({k: v for k, v in cached.items() if k not in ("ckpt", "settings")})
-            print(f"[compare] {r['name']}: FID {r['fid']:.2f} ({r['score_seconds']:.0f}s)", flush=True)
-        r["verdict"] = verdict(r, args.fid_threshold, args.min_recall)
+            r.scores.update({k: v for k, v in cached.items() if k not in ("ckpt", "settings")})
+            print(f"[compare] {r.name}: FID {r.scores['fid']:.2f} ({r.scores['score_seconds']:.0f}s)", flush=True)
+        r.verdict = verdict(r, args.fid_threshold, args.min_recall)

@@ -33,9 +33,14 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
+if __package__ in (None, ""):  # run as a script path: the repository root on sys.path, not this folder (ARCHITECTURE.md)
+    _HERE = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+from trainer.errors import EXIT_OK, EXIT_PREEMPTED  # the standard library only: no torch here
+
 FORWARDED = ("SIGTERM", "SIGUSR2", "SIGINT")
 STATUS_DIR_ENV = "SNGAN_STATUS_DIR"   # the name trainer/main.py reads
-EXIT_PREEMPTED = 75
 
 
 def _read(folder: str, kind: str) -> Dict[int, int]:
@@ -54,10 +59,10 @@ def combined_status(statuses: Dict[int, int], launcher_rc: int) -> int:
     """The exit status of the whole run from the ranks' own statuses (see the module docstring)."""
     if not statuses:
         return launcher_rc if launcher_rc >= 0 else 128 - launcher_rc
-    failing = [statuses[r] for r in sorted(statuses) if statuses[r] not in (0, EXIT_PREEMPTED)]
+    failing = [statuses[r] for r in sorted(statuses) if statuses[r] not in (EXIT_OK, EXIT_PREEMPTED)]
     if failing:
         return failing[0]
-    return EXIT_PREEMPTED if EXIT_PREEMPTED in statuses.values() else 0
+    return EXIT_PREEMPTED if EXIT_PREEMPTED in statuses.values() else EXIT_OK
 
 
 class Forwarder:

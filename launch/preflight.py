@@ -19,6 +19,8 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from trainer.errors import BadInput
+
 SLURM_COMMANDS = ("sbatch", "squeue", "sacct", "sinfo", "scancel")
 # squeue %r reasons that waiting cannot fix (slurm/src/common/slurm_protocol_defs.c job_reason_string).
 FATAL_REASONS = {
@@ -28,7 +30,7 @@ FATAL_REASONS = {
 }
 
 
-class PreflightError(ValueError):
+class PreflightError(BadInput, ValueError):
     """A request the cluster cannot run, or a SLURM installation that is missing."""
 
 

@@ -32,9 +32,8 @@ import time
 from dataclasses import dataclass, field
 
 from launch.cluster_env import torch_dist_env
+from trainer.errors import EXIT_PREEMPTED  # the standard library only: the submitting side never imports torch
 
-# trainer.loop.EXIT_PREEMPTED, repeated so that the submitting side never imports torch.
-EXIT_PREEMPTED = 75
 # How long a task waits for SLURM to end the allocation after the requeue request.
 REQUEUE_WAIT_S = 300
 

@@ -27,6 +27,11 @@ from torch import nn
 
 from .registry import build_generator
 
+
+class GeneratorFileError(ValueError):
+    """A path that is not a usable generator file, checkpoint or run folder (bad input: the command
+    lines map it to exit 2 through ``trainer/errors.py``; models/ imports nothing above it)."""
+
 FORMAT = "sngan-generator/1"
 GENERATOR_FILE = "generator.safetensors"
 CKPT_META = "meta.json"
@@ -56,24 +61,24 @@ def generator_file(path: str) -> str:
     expected = (f"expected a {GENERATOR_FILE} file, a checkpoint folder (ckpt-<step>/ with {CKPT_META} and "
                 f"{GENERATOR_FILE}) or a run folder (with checkpoints/)")
     if not os.path.exists(path):
-        raise ValueError(f"{path!r} does not exist; {expected}")
+        raise GeneratorFileError(f"{path!r} does not exist; {expected}")
     if not os.path.isdir(path):
-        raise ValueError(f"{path!r} is neither a file nor a folder; {expected}")
+        raise GeneratorFileError(f"{path!r} is neither a file nor a folder; {expected}")
     gen, meta = os.path.join(path, GENERATOR_FILE), os.path.join(path, CKPT_META)
     if os.path.isfile(meta):
         if not os.path.isfile(gen):
-            raise ValueError(f"{path!r}: a checkpoint folder without {GENERATOR_FILE}")
+            raise GeneratorFileError(f"{path!r}: a checkpoint folder without {GENERATOR_FILE}")
         return gen
     if os.path.isdir(os.path.join(path, "checkpoints")):
         found = complete_checkpoints(path)
         if not found:
-            raise ValueError(f"{path!r}: a run folder without a complete checkpoint (no "
+            raise GeneratorFileError(f"{path!r}: a run folder without a complete checkpoint (no "
                              f"checkpoints/ckpt-<step>/{CKPT_META}); has it saved one yet?")
         return generator_file(found[-1])
     if os.path.isfile(gen):
-        raise ValueError(f"{path!r}: has {GENERATOR_FILE} but no {CKPT_META}, so it is an incomplete checkpoint "
+        raise GeneratorFileError(f"{path!r}: has {GENERATOR_FILE} but no {CKPT_META}, so it is an incomplete checkpoint "
                          f"(still being written, or the save was interrupted); pass the file itself to use it anyway")
-    raise ValueError(f"{path!r}: a folder with neither {GENERATOR_FILE} + {CKPT_META} nor checkpoints/; {expected}")
+    raise GeneratorFileError(f"{path!r}: a folder with neither {GENERATOR_FILE} + {CKPT_META} nor checkpoints/; {expected}")
 
 
 def save_generator(path: str, name: str, kwargs: dict, modules: Dict[str, nn.Module],
@@ -98,9 +103,9 @@ def read_generator_meta(path: str) -> dict:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+        raise GeneratorFileError(f"{path}: not a readable safetensors file ({exc})") from exc
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an exported sngan generator (format={meta.get('format')!r}, "
+        raise GeneratorFileError(f"{path}: not an exported sngan generator (format={meta.get('format')!r}, "
                          f"expected {FORMAT!r})")
     return {"name": meta["name"], "kwargs": json.loads(meta["kwargs"]), "info": json.loads(meta["info"])}
 
@@ -113,7 +118,7 @@ def load_generator(path: str, which: str = "auto", device: str | torch.device = 
     and ``meta["path"]`` the file they came from.
     """
     if which not in ("auto", "G", "G_ema"):
-        raise ValueError(f"which={which!r}: expected 'auto', 'G' or 'G_ema'")
+        raise GeneratorFileError(f"which={which!r}: expected 'auto', 'G' or 'G_ema'")
     path = generator_file(path)
     meta = read_generator_meta(path)
     tensors = load_file(path, device=str(device))
@@ -121,7 +126,7 @@ def load_generator(path: str, which: str = "auto", device: str | torch.device = 
     if which == "auto":
         which = "G_ema" if "G_ema" in prefixes else "G"
     if which not in prefixes:
-        raise ValueError(f"{path}: has no {which!r} weights; it holds {prefixes}")
+        raise GeneratorFileError(f"{path}: has no {which!r} weights; it holds {prefixes}")
     g = build_generator(meta["name"], **meta["kwargs"])
     state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(which + ".")}
     g.load_state_dict(state, strict=True)

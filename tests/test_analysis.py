@@ -17,9 +17,9 @@ import yaml
 from torch import nn
 
 import models
-from eval import grids, neighbors, spectra
+from eval.analysis import grids, neighbors, spectra
 from eval.data import open_source
-from eval.discriminator import load_discriminator
+from eval.analysis.discriminator import load_discriminator
 from models.export import save_generator
 
 from conftest import ROOT, TINY
@@ -263,7 +263,7 @@ def test_help_shows_defaults(module):
 
 @pytest.mark.slow
 def test_compare_quick_mode_table_has_every_row(tmp_path, capsys):
-    from eval import compare
+    from launch import compare
     args = ["--suite", "paper", "--quick", "--steps", "1", "--num-samples", "32", "--batch-size", "4",
             "--width", "4", "--extractor", "tiny-test", "--out", str(tmp_path), "--jobs", "1"]  # in this process
     threads = torch.get_num_threads()
@@ -348,7 +348,7 @@ def test_conv_operator_norm_is_exact_for_known_convs():
     """A 1x1 conv is its matrix (operator norm = sigma of the reshaped kernel); a 3x3 all-ones kernel
     with zero padding on n x n is T (x) T with T tridiagonal of ones: norm (1 + 2 cos(pi/(n+1)))^2,
     while the reshaped kernel's sigma is only 3."""
-    from eval.spectra import conv_operator_norms
+    from eval.analysis.spectra import conv_operator_norms
     torch.manual_seed(0)
     one = nn.Conv2d(4, 6, 1, bias=False)
     three = nn.Conv2d(1, 1, 3, padding=1, bias=False)

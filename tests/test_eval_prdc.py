@@ -1,5 +1,5 @@
 """Improved precision/recall and density/coverage (eval/prdc.py), the eval CLI's ``--metrics pr,dc``,
-the reference file's ``prdc_features`` and eval.compare's recall criterion.
+the reference file's ``prdc_features`` and launch.compare's recall criterion.
 
 The metrics are checked against a brute force written here from the papers' definitions (all pairs
 at once, distances from explicit differences), on hand-computed cases and with two processes."""
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from eval import main as eval_main
-from eval.compare_score import Scorer, make_scorer, table, verdict
+from launch.compare_score import NO_FINAL_CHECKPOINT, TRAINER_RAISED, RowResult, Scorer, make_scorer, table, verdict
 from eval.data import open_source
 from eval.extractors import build_extractor
 from eval.main import EvalOptions, evaluate, parse_metrics
@@ -104,7 +104,7 @@ def test_bad_input_is_refused():
 PROBE = """
 import json, sys
 import numpy as np
-from eval import dist
+from trainer import dist
 from eval.prdc import prdc
 dist.init()
 z = np.load(sys.argv[1])
@@ -230,24 +230,34 @@ def test_cli_with_two_processes_gives_the_numbers_of_one(env):
     np.testing.assert_array_equal(b._npz["prdc_index"], a._npz["prdc_index"])
 
 
-# ----------------------------------------------------------------------------- eval.compare's criterion
+# ----------------------------------------------------------------------------- launch.compare's criterion
+
+def scored(exit=0, error=None, **scores):
+    return RowResult(name="DCGAN", exp="cifar10_dcgan", loss="ns", constraint="none", n_dis=1, steps=1, run_dir="r",
+                     overrides=[], exit=exit, error=error, train_seconds=1.0, scores=scores)
+
 
 def test_compare_verdict_uses_recall():
-    ok = {"exit": 0, "fid": 3.0, "recall": 0.6, "variance_ratio": 0.05}
-    assert verdict(ok, 5.0, 0.25) == "works"       # a low variance ratio no longer decides
-    assert verdict({**ok, "recall": 0.2, "variance_ratio": 1.0}, 5.0, 0.25) == \
+    ok = {"fid": 3.0, "recall": 0.6, "variance_ratio": 0.05}
+    assert verdict(scored(**ok), 5.0, 0.25) == "works"       # a low variance ratio no longer decides
+    assert verdict(scored(**{**ok, "recall": 0.2, "variance_ratio": 1.0}), 5.0, 0.25) == \
         "does not work (collapsed: recall 0.20 < 0.25)"
-    assert verdict({**ok, "fid": 7.0}, 5.0, 0.25) == "does not work (FID >= 5)"
-    assert verdict({**ok, "recall": None}, 5.0, 0.25).startswith("failed (no recall")
+    assert verdict(scored(**{**ok, "fid": 7.0}), 5.0, 0.25) == "does not work (FID >= 5)"
+    assert verdict(scored(**{**ok, "recall": None}), 5.0, 0.25).startswith("failed (no recall")
+    assert verdict(scored(exit=1), 5.0, 0.25) == "does not work (diverged: non-finite loss)"
+    assert verdict(scored(exit=TRAINER_RAISED, error="KeyError: x"), 5.0, 0.25) == "failed (KeyError: x)"
+    assert verdict(scored(exit=NO_FINAL_CHECKPOINT), 5.0, 0.25) == "failed (trainer exit -1)"
     args = argparse.Namespace(extractor="tiny-test", quick=True, num_samples=100, fid_threshold=5.0, min_recall=0.25,
                               overrides=[])
-    row = {"name": "DCGAN", "exp": "cifar10_dcgan", "loss": "ns", "constraint": "none", "n_dis": 1, "steps": 1,
-           "train_seconds": 1.0, **ok, "precision": 0.7}
-    row["verdict"] = verdict(row, 5.0, 0.25)
+    row = scored(**ok, precision=0.7)
+    row.verdict = verdict(row, 5.0, 0.25)
     text = table([row], args, None)
     assert "| precision | recall | var. ratio | works? |" in text and "| 0.70 | 0.60 | 0.05 | works |" in text
     assert "recall >= 0.25" in text
-    from eval import compare
+    flat = row.to_json()   # compare.json's row: the scores flattened beside the row's fields, as before
+    assert flat["exit"] == 0 and flat["fid"] == 3.0 and flat["verdict"] == "works" and "scores" not in flat
+    assert "error" not in flat and "grid" not in flat
+    from launch import compare
     assert compare.main(["--suite", "paper", "--quick", "--min-recall", "1.5", "--rows", "cifar10_dcgan"]) == 2
 
 
@@ -267,7 +277,7 @@ def test_scorer_recall_detects_a_collapsed_set_of_real_images(env):
     assert {k: floor[k] for k in ("precision", "recall")} == pytest.approx(
         {k: v for k, v in brute(scorer.ref_prdc, held_out, 3).items() if k in ("precision", "recall")}, abs=1e-12)
     assert floor["recall"] > 0.5 and collapsed["recall"] < 0.25
-    assert verdict({"exit": 0, "fid": 0.0, **collapsed}, 1e9, 0.25).startswith("does not work (collapsed")
+    assert verdict(scored(**{**collapsed, "fid": 0.0}), 1e9, 0.25).startswith("does not work (collapsed")
     # The cached reference is reused, features included.
     again = Scorer(ext, 300, batch_size=100)
     again.set_reference(source, str(tmp / "compare-ref.npz"))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval import dist
+from trainer import dist
 from eval.extractors import build_extractor, resize_bilinear_tf1
 from eval.generate import Plan, balanced_counts, rank_batches, sample_noise, to_uint8
 from eval.stats import SufficientStats, frechet_distance, inception_score, kernel_inception_distance

@@ -1,8 +1,8 @@
-"""The seeds' comparison as its source trains it (launch/experiments/seeds_*.yaml, eval.compare --suite seeds).
+"""The seeds' comparison as its source trains it (launch/experiments/seeds_*.yaml, launch.compare --suite seeds).
 
 Each experiment must carry pytorch-gan-collections' (PGC @ 860e90b) values for its config; the
 architectures that are PGC's own (models/seeds.py) must have PGC's layer shapes and parameter counts
-(counted from its source files: the numbers below), and the quick sizing of eval.compare must build them.
+(counted from its source files: the numbers below), and the quick sizing of launch.compare must build them.
 The golden fixtures (tests/golden/fixtures/seeds_*.npz, tests/test_golden.py) check the training step itself.
 """
 
@@ -114,8 +114,8 @@ def test_pgc_resnet_d_head_bias_is_torch_default():
 
 @pytest.mark.parametrize("exp", sorted(PGC))
 def test_seeds_suite_quick_sizing_builds(exp):
-    """eval.compare --suite seeds --quick: every row's quick overrides give a valid, buildable config."""
-    from eval import compare
+    """launch.compare --suite seeds --quick: every row's quick overrides give a valid, buildable config."""
+    from launch import compare
     assert [r.exp for r in compare.SUITES["seeds"]] == [
         "seeds_dcgan", "seeds_wgan", "seeds_wgangp_cnn", "seeds_wgangp_resnet", "seeds_sngan_w_cnn",
         "seeds_sngan_w_resnet", "seeds_sngan_hinge_resnet"]

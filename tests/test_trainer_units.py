@@ -61,7 +61,7 @@ def test_mixed_precision_training_keeps_sn_fp32(tmp_path, precision):
 
 @pytest.mark.slow
 def test_in_process_training_restores_signal_handlers(tmp_path):
-    """eval.compare (and tests) call the trainer in-process: afterwards SIGTERM must act as before,
+    """launch.compare (and tests) call the trainer in-process: afterwards SIGTERM must act as before,
     or forked workers (multiprocessing pools) inherit a handler that ignores it and hang."""
     import signal
 

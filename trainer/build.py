@@ -10,34 +10,9 @@ import torch
 from torch import nn
 
 import models
-from .config import Config
+from .config import Config, discriminator_kwargs, generator_kwargs  # noqa: F401  (part of this module's interface)
 from .losses import GANLoss, get_loss
 from .regularizers import DConstraint, build_constraint
-
-
-def generator_kwargs(cfg: Config) -> dict:
-    kw = {"num_classes": cfg.model.num_classes, "z_dim": cfg.model.z_dim}
-    ch = cfg.model.g_ch or cfg.model.ch
-    if ch:
-        kw["ch"] = ch
-    # Standard-CNN options, passed only when set (other generators do not take them).
-    if cfg.model.g_dense_bn != "channel":
-        kw["dense_bn"] = cfg.model.g_dense_bn
-    if cfg.model.z_dist != "normal":
-        kw["z_dist"] = cfg.model.z_dist
-    return kw
-
-
-def discriminator_kwargs(cfg: Config, constraint: DConstraint) -> dict:
-    kw = {"num_classes": cfg.model.num_classes, "norm": constraint.layer_norm}
-    if constraint.layer_norm == "sn":
-        kw["n_power_iterations"] = cfg.model.n_power_iterations
-    ch = cfg.model.d_ch or cfg.model.ch
-    if ch:
-        kw["ch"] = ch
-    if cfg.model.d_slope:
-        kw["slope"] = cfg.model.d_slope
-    return kw
 
 
 @dataclass

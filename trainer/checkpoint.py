@@ -39,6 +39,7 @@ import torch.distributed.checkpoint as dcp
 from data_pipelines.tario import sha256_file
 
 from . import dist
+from .errors import BadInput, StorageFailure
 from .safe_dcp import CheckpointException, SafeFileSystemReader, UnsafeCheckpoint, WeightsOnlyLoadPlanner, unwrap
 
 PREFIX = "ckpt-"
@@ -47,11 +48,11 @@ HISTORY = "checkpoints.jsonl"   # in the run folder, beside checkpoints/
 FORMAT = "sngan-checkpoint/1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BadInput, RuntimeError):
     """A checkpoint that is incomplete, corrupt, unsafe or belongs to another model (exit 2)."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(StorageFailure, RuntimeError):
     """A checkpoint could not be written (full disk, quota, I/O error); earlier ones are intact."""
 
 

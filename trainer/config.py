@@ -20,99 +20,117 @@ import yaml
 
 from data_pipelines.config import DataConfig
 
+from .errors import BadInput
+
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "launch" / "experiments"
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput, ValueError):
     """A bad experiment name, key or value; the message names it and what would be valid."""
+
+
+def bounded(default: Any, *, low: Any = None, high: Any = None, low_open: bool = False, high_open: bool = False,
+            choices: Sequence[str] = ()) -> Any:
+    """A dataclass field with its bounds beside it (ARCHITECTURE.md, practice 8), as ``metadata``:
+    ``low``/``high`` (ints: a minimum and a typo guard; floats: a range, ``*_open`` for a strict
+    end) or ``choices``. :func:`validate` and :func:`set_key` read them from the fields, so a key and
+    its bounds are declared in one place (``data_pipelines/config.py`` writes the same metadata keys)."""
+    meta: Dict[str, Any] = {}
+    if choices:
+        meta["choices"] = tuple(choices)
+    if low is not None:
+        meta.update(low=low, low_open=low_open)
+    if high is not None:
+        meta.update(high=high, high_open=high_open)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class ModelConfig:
     g: str = "resnet32"
     d: str = "resnet32"
-    num_classes: int = 0          # 0 = unconditional; >0: conditional BN in G, projection D
-    ch: int = 0                   # base width for G and D; 0 = the architecture's default
-    g_ch: int = 0                 # overrides ch for G when > 0
-    d_ch: int = 0                 # overrides ch for D when > 0
-    z_dim: int = 128
+    num_classes: int = bounded(0, low=0, high=1 << 20)          # 0 = unconditional; >0: conditional BN in G, projection D
+    ch: int = bounded(0, low=0, high=1 << 14)  # base width for G and D; 0 = the architecture's default
+    g_ch: int = bounded(0, low=0, high=1 << 14)  # overrides ch for G when > 0
+    d_ch: int = bounded(0, low=0, high=1 << 14)  # overrides ch for D when > 0
+    z_dim: int = bounded(128, low=1, high=1 << 16)
     # How D is constrained (SN-GAN paper, Sec. 4 comparison): sn | wn | orth | clip | gp | none
-    d_constraint: str = "sn"
-    n_power_iterations: int = 1
+    d_constraint: str = bounded("sn", choices=("sn", "wn", "orth", "clip", "gp", "none"))
+    n_power_iterations: int = bounded(1, low=1, high=1000)
     # Spectral norm's power iteration: official = v from u, then u, sigma = u^T W v, x / (||x|| + eps)
     # (the official Chainer code); torch = the same with x / max(||x||, eps) (torch.nn.utils.spectral_norm);
     # uv = torch's parametrizations.spectral_norm order (u from the stored v first). docs/fidelity.md.
-    sn_iteration: str = "official"
-    sn_warmup: int = 0            # power-iteration steps on each SN weight at construction (official: 0)
-    bn_eps: float = 2e-5          # G's BatchNorm eps (2e-5: Chainer's default, the official code; torch's is 1e-5)
+    sn_iteration: str = bounded("official", choices=("official", "torch", "uv"))
+    sn_warmup: int = bounded(0, low=0, high=10000)  # power-iteration steps on each SN weight at construction (official: 0)
+    bn_eps: float = bounded(2e-5, low=0.0, low_open=True, high=1.0)  # G's BatchNorm eps (2e-5: Chainer's default, the official code; torch's is 1e-5)
     # G's BatchNorm statistics as on this many processes: each rank's batch is cut into
     # bn_world / world_size slices with statistics of their own (the official ImageNet runs used 4
     # GPUs with per-GPU statistics). 0 = statistics over each rank's whole batch.
-    bn_world: int = 0
+    bn_world: int = bounded(0, low=0)
     # Standard-CNN options (models/cnn.py), chainer-gan-lib's choices in cifar10_sngan_cnn:
     # G's BN after the dense layer per channel of the reshaped map or per feature (CGL common/net.py:75);
     # D's leaky-ReLU slope (0 = the architecture's default: 0.1 cnn*, 0.2 dcgan32; CGL: 0.2);
     # the latent distribution, N(0, I) or U[-1, 1] (CGL's default, common/net.py:56).
-    g_dense_bn: str = "channel"
-    d_slope: float = 0.0
-    z_dist: str = "normal"
+    g_dense_bn: str = bounded("channel", choices=("channel", "feature"))
+    d_slope: float = bounded(0.0, low=0.0, high=1.0, high_open=True)
+    z_dist: str = bounded("normal", choices=("normal", "uniform"))
 
 
 @dataclass
 class LossConfig:
-    name: str = "hinge"           # hinge | wasserstein | ns (non-saturating, "DCGAN"/"KL") | minimax
-    gp_weight: float = 10.0       # WGAN-GP lambda (Gulrajani et al. 2017)
-    orth_weight: float = 1e-4     # orthonormal regularization beta (Brock et al. 2016)
-    clip_value: float = 0.01      # WGAN weight clipping c (Arjovsky et al. 2017)
+    name: str = bounded("hinge", choices=("hinge", "wasserstein", "ns", "minimax"))  # hinge | wasserstein | ns (non-saturating, "DCGAN"/"KL") | minimax
+    gp_weight: float = bounded(10.0, low=0.0)  # WGAN-GP lambda (Gulrajani et al. 2017)
+    orth_weight: float = bounded(1e-4, low=0.0)  # orthonormal regularization beta (Brock et al. 2016)
+    clip_value: float = bounded(0.01, low=0.0, low_open=True)  # WGAN weight clipping c (Arjovsky et al. 2017)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adam"            # adam | rmsprop (RMSprop is the original WGAN's optimizer)
+    name: str = bounded("adam", choices=("adam", "rmsprop"))  # adam | rmsprop (RMSprop is the original WGAN's optimizer)
     # Adam's eps placement: chainer = lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps), as the official
     # Chainer code; torch = torch.optim.Adam, lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps).
-    adam: str = "chainer"
-    eps: float = 1e-8             # Adam's eps (both placements)
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.0
-    beta2: float = 0.9
-    schedule: str = "constant"    # constant | linear (decay to 0 between decay_start and decay_end)
+    adam: str = bounded("chainer", choices=("chainer", "torch"))
+    eps: float = bounded(1e-8, low=0.0, high=1.0)  # Adam's eps (both placements)
+    lr_g: float = bounded(2e-4, low=0.0, low_open=True)
+    lr_d: float = bounded(2e-4, low=0.0, low_open=True)
+    beta1: float = bounded(0.0, low=0.0, high=1.0, high_open=True)
+    beta2: float = bounded(0.9, low=0.0, high=1.0, high_open=True)
+    schedule: str = bounded("constant", choices=("constant", "linear"))  # constant | linear (decay to 0 between decay_start and decay_end)
     # Optimizer kernels: auto = fused on CUDA (one kernel for all parameters), foreach elsewhere;
     # fused | foreach | loop force one (the same update, to rounding).
-    implementation: str = "auto"
-    decay_start: int = 0          # G step at which linear decay starts
-    decay_end: int = 0            # G step at which the LR reaches 0; 0 = train.steps
+    implementation: str = bounded("auto", choices=("auto", "fused", "foreach", "loop"))
+    decay_start: int = bounded(0, low=0)  # G step at which linear decay starts
+    decay_end: int = bounded(0, low=0)  # G step at which the LR reaches 0; 0 = train.steps
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000             # G iterations
-    batch_size: int = 64          # global D batch (real images per D step, summed over ranks)
-    g_batch_size: int = 0         # global G batch per G step; 0 = batch_size
-    n_dis: int = 5                # D steps per G step
+    steps: int = bounded(1000, low=1)  # G iterations
+    batch_size: int = bounded(64, low=1, high=1 << 20)  # global D batch (real images per D step, summed over ranks)
+    g_batch_size: int = bounded(0, low=0, high=1 << 20)  # global G batch per G step; 0 = batch_size
+    n_dis: int = bounded(5, low=1, high=1000)  # D steps per G step
     # Order within an iteration: g_first = one G step, then n_dis D steps (the official Chainer
     # updaters); d_first = n_dis D steps, then G (pytorch-gan-collections, most PyTorch code).
-    update_order: str = "g_first"
-    precision: str = "fp32"       # fp32 | bf16 | fp16 (fp16 uses a grad scaler)
+    update_order: str = bounded("g_first", choices=("g_first", "d_first"))
+    precision: str = bounded("fp32", choices=("fp32", "bf16", "fp16"))  # fp32 | bf16 | fp16 (fp16 uses a grad scaler)
     # TF32 for fp32 runs on Ampere+ GPUs (matmuls and convolutions with a 10-bit mantissa): off by
     # default, so that "fp32" means fp32; bf16 is the fast path. No effect on CPU.
     tf32: bool = False
     cudnn_benchmark: bool = True  # cuDNN autotuning of convolution algorithms (CUDA; fixed shapes)
     channels_last: bool = False
     compile: bool = False
-    compile_max_recompiles: int = 8   # recompilation guard: beyond this, dynamo falls back to eager and says why
+    compile_max_recompiles: int = bounded(8, low=1)  # recompilation guard: beyond this, dynamo falls back to eager and says why
     # DDP: rank 0's buffers (G's BN running statistics, SN's u/v) broadcast before every forward;
     # gradients all-reduced in place through bucket views (less memory, one copy less).
     ddp_broadcast_buffers: bool = True
     ddp_bucket_view: bool = True
     seed: int = 0
-    ema_half_life_kimg: float = 0.0   # EMA of G with this half-life in thousands of images; 0 = off
-    ema_start_step: int = 0
-    log_every: int = 10
-    sample_every: int = 100
-    ckpt_every: int = 500
-    keep_ckpts: int = 3
+    ema_half_life_kimg: float = bounded(0.0, low=0.0)  # EMA of G with this half-life in thousands of images; 0 = off
+    ema_start_step: int = bounded(0, low=0)
+    log_every: int = bounded(10, low=1)
+    sample_every: int = bounded(100, low=1)
+    ckpt_every: int = bounded(500, low=1)
+    keep_ckpts: int = bounded(3, low=1)
     resume: str = "auto"          # auto | none | PATH of a checkpoint folder
     progress: bool = True
     # Experiment trackers, through accelerate's tracker API: any of tensorboard, wandb, mlflow
@@ -121,9 +139,9 @@ class TrainConfig:
     # FID while training: every eval_every-th checkpoint (and the last) is scored by the separate
     # evaluator (a background eval.batch process, or its own SLURM job); 0 = off. The best one by
     # eval_metric is RUN_DIR/best and is never pruned.
-    eval_every: int = 0
-    eval_metric: str = "fid"          # fid | kid | is | intra_fid
-    eval_num_samples: int = 10000
+    eval_every: int = bounded(0, low=0)
+    eval_metric: str = bounded("fid", choices=("fid", "kid", "is", "intra_fid"))  # fid | kid | is | intra_fid
+    eval_num_samples: int = bounded(10000, low=2)
     eval_extractor: str = "inception"
     eval_ref: str = ""                # reference statistics .npz; "" = computed once from data.* and cached
     eval_device: str = "auto"         # auto | cpu | cuda:N (a GPU of its own)
@@ -143,22 +161,39 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-CHOICES = {
-    "model.d_constraint": ("sn", "wn", "orth", "clip", "gp", "none"),
-    "loss.name": ("hinge", "wasserstein", "ns", "minimax"),
-    "optim.schedule": ("constant", "linear"),
-    "optim.name": ("adam", "rmsprop"),
-    "optim.adam": ("chainer", "torch"),
-    "model.g_dense_bn": ("channel", "feature"),
-    "model.z_dist": ("normal", "uniform"),
-    "model.sn_iteration": ("official", "torch", "uv"),
-    "train.update_order": ("g_first", "d_first"),
-    "optim.implementation": ("auto", "fused", "foreach", "loop"),
-    "train.eval_metric": ("fid", "kid", "is", "intra_fid"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "data.backend": ("synthetic", "webdataset", "ffcv"),
-    "data.verify": ("off", "quick", "full"),
-}
+def _declared(obj: Any = None, prefix: str = "") -> Dict[str, Dict[str, Any]]:
+    """``{dotted key: its field's bounds metadata}`` for every field that declares some."""
+    obj = Config() if obj is None else obj
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_declared(value, f"{prefix}{f.name}."))
+        elif f.metadata:
+            out[f"{prefix}{f.name}"] = dict(f.metadata)
+    return out
+
+
+def _tables():
+    """The bounds declared beside the fields, as the lookup tables the checks use: choices per key;
+    ints: minimum and (a typo guard, before memory runs out) maximum; floats: (low, low open?, high
+    or None, high open?)."""
+    choices, min_int, max_int, float_ranges = {}, {}, {}, {}
+    for key, m in _declared().items():
+        if "choices" in m:
+            choices[key] = m["choices"]
+        if "low" not in m:
+            continue
+        if isinstance(m["low"], int) and not m.get("low_open", False):
+            min_int[key] = m["low"]
+            if "high" in m:
+                max_int[key] = m["high"]
+        else:
+            float_ranges[key] = (float(m["low"]), m.get("low_open", False), m.get("high"), m.get("high_open", False))
+    return choices, min_int, max_int, float_ranges
+
+
+CHOICES, MIN_INT, MAX_INT, FLOAT_RANGES = _tables()  # declared beside the fields above
 
 
 def available_experiments() -> List[str]:
@@ -294,33 +329,6 @@ def load_config(exp: str = "default", overrides: Sequence[str] = ()) -> Config:
     return cfg
 
 
-# Sizes: (key, minimum). Upper bounds catch typos (an extra zero) before memory runs out.
-MIN_INT = {
-    "train.steps": 1, "train.batch_size": 1, "train.g_batch_size": 0, "train.n_dis": 1,
-    "train.log_every": 1, "train.sample_every": 1, "train.ckpt_every": 1, "train.keep_ckpts": 1,
-    "train.ema_start_step": 0, "train.compile_max_recompiles": 1, "train.eval_every": 0,
-    "train.eval_num_samples": 2, "model.num_classes": 0, "model.ch": 0, "model.g_ch": 0, "model.d_ch": 0,
-    "model.z_dim": 1, "model.n_power_iterations": 1, "model.bn_world": 0,
-    "model.sn_warmup": 0, "optim.decay_start": 0, "optim.decay_end": 0,
-    "data.resolution": 1, "data.num_workers": 0, "data.shuffle_buffer": 1, "data.synthetic_size": 1,
-}
-MAX_INT = {"train.batch_size": 1 << 20, "train.g_batch_size": 1 << 20, "train.n_dis": 1000,
-           "model.num_classes": 1 << 20, "model.ch": 1 << 14, "model.g_ch": 1 << 14, "model.d_ch": 1 << 14,
-           "model.z_dim": 1 << 16, "model.n_power_iterations": 1000, "model.sn_warmup": 10000, "data.resolution": 4096,
-           "data.num_workers": 256}
-# Floats: (key, minimum, strictly greater?, maximum or None, strictly less?)
-FLOAT_RANGES = {
-    "optim.lr_g": (0.0, True, None, False), "optim.lr_d": (0.0, True, None, False),
-    "optim.beta1": (0.0, False, 1.0, True), "optim.beta2": (0.0, False, 1.0, True),
-    "loss.gp_weight": (0.0, False, None, False), "loss.orth_weight": (0.0, False, None, False),
-    "loss.clip_value": (0.0, True, None, False), "train.ema_half_life_kimg": (0.0, False, None, False),
-    "data.random_crop_ratio": (0.0, True, 1.0, False),
-    "data.pixel_scale": (127.5, False, 128.0, False),
-    "model.d_slope": (0.0, False, 1.0, True),
-    "optim.eps": (0.0, False, 1.0, False), "model.bn_eps": (0.0, True, 1.0, False),
-}
-
-
 def _get(cfg: Config, key: str):
     obj = cfg
     for part in key.split("."):
@@ -358,12 +366,39 @@ def validate(cfg: Config) -> None:
     _validate_models(cfg)
 
 
+def generator_kwargs(cfg: Config) -> dict:
+    """G's constructor keywords from the config (here, not in build.py: the config check builds G and D
+    on the meta device, and build.py imports this module)."""
+    kw = {"num_classes": cfg.model.num_classes, "z_dim": cfg.model.z_dim}
+    ch = cfg.model.g_ch or cfg.model.ch
+    if ch:
+        kw["ch"] = ch
+    # Standard-CNN options, passed only when set (other generators do not take them).
+    if cfg.model.g_dense_bn != "channel":
+        kw["dense_bn"] = cfg.model.g_dense_bn
+    if cfg.model.z_dist != "normal":
+        kw["z_dist"] = cfg.model.z_dist
+    return kw
+
+
+def discriminator_kwargs(cfg: Config, constraint) -> dict:
+    """D's constructor keywords; ``constraint`` is a ``trainer.regularizers.DConstraint``."""
+    kw = {"num_classes": cfg.model.num_classes, "norm": constraint.layer_norm}
+    if constraint.layer_norm == "sn":
+        kw["n_power_iterations"] = cfg.model.n_power_iterations
+    ch = cfg.model.d_ch or cfg.model.ch
+    if ch:
+        kw["ch"] = ch
+    if cfg.model.d_slope:
+        kw["slope"] = cfg.model.d_slope
+    return kw
+
+
 def _validate_models(cfg: Config) -> None:
     """Build G and D on the meta device (no memory, no compute) to check names and sizes."""
     import torch
 
     import models
-    from .build import discriminator_kwargs, generator_kwargs
     from .regularizers import build_constraint
     m = cfg.model
     for kind, name, valid in (("g", m.g, models.generator_names()), ("d", m.d, models.discriminator_names())):

@@ -37,19 +37,18 @@ from .samples import fixed_inputs, render_grid, save_grid
 from .evaluation import InTrainingEval
 from .stats import Collector, MetricsWriter, parse_log_with
 
-EXIT_OK = 0
-EXIT_PREEMPTED = 75          # EX_TEMPFAIL: checkpoint saved on a stop signal; run again to continue
+from .errors import EXIT_OK, EXIT_PREEMPTED, BadInput, Diverged, StorageFailure  # noqa: F401  (EXIT_*: re-exported)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(Diverged, RuntimeError):
     pass
 
 
-class StorageError(RuntimeError):
+class StorageError(StorageFailure, RuntimeError):
     """A write into the run folder failed (full disk, quota, I/O error); checkpoints before it are intact."""
 
 
-class DataMismatch(ValueError):
+class DataMismatch(BadInput, ValueError):
     """The data does not fit the model or config (resolution, classes); found before the first step."""
 
 
@@ -126,9 +125,12 @@ class Loop:
         self.base_lr = {ph.name: [g["lr"] for g in ph.opt.param_groups] for ph in self.phases}
         self.stream = None
         self.data_iter = None
+        # Where this rank's data stream starts: batch index and seed (prepare(); resume() may move them).
+        self._start_batch, self._data_seed = 0, t.seed
         self._batch_checked = False
         self.in_eval = None
         self.eval_summary = None
+        self.status: Optional[int] = None   # run()'s exit status (trainer.errors.EXIT_OK / EXIT_PREEMPTED)
 
     def _set_bn_slices(self, bn_world: int) -> None:
         """``model.bn_world``: G's BN statistics per slice, as on ``bn_world`` processes (docs/fidelity.md)."""

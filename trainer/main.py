@@ -8,7 +8,8 @@
 
 ==  ===========================================================================================
 0   training reached ``train.steps``
-1   a NaN/inf loss (the message names the step; the last good checkpoint is kept)
+1   a NaN/inf loss (the message names the step; the last good checkpoint is kept), or a bug (its traceback:
+    only the declared errors of ``trainer/errors.py`` become one line and their code)
 2   bad input: config, data, checkpoint (corrupt, unsafe, another model or config), a run folder
     in use by another trainer, memory too small for the batch; nothing was trained on it
 74  the run folder could not be written (full disk, quota, I/O error); earlier checkpoints are intact
@@ -26,15 +27,14 @@ import os
 import signal
 import sys
 
-if __package__ in (None, ""):  # run as a script path: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script path: the repository root on sys.path, not this folder (ARCHITECTURE.md)
+    _HERE = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 from trainer.config import ConfigError, available_experiments, dump, load_config, to_dict  # noqa: E402
-from trainer.loop import EXIT_OK, EXIT_PREEMPTED, TrainingDiverged  # noqa: E402,F401
-
-EXIT_DIVERGED = 1
-EXIT_BAD_INPUT = 2
-EXIT_STORAGE = 74            # EX_IOERR
+from trainer.errors import (  # noqa: E402,F401  (EXIT_*: re-exported for the launchers and tests)
+    EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, EXIT_STORAGE, exit_code_of, one_line)
+from trainer.loop import TrainingDiverged  # noqa: E402,F401
 STOP_SIGNALS = ("SIGTERM", "SIGUSR2", "SIGINT")
 STATUS_DIR_ENV = "SNGAN_STATUS_DIR"   # set by launch/local.py: where each rank reports its pid and exit status
 
@@ -112,7 +112,7 @@ class StopFlag:
 
     def restore(self) -> None:
         """Put back the handlers found at install(): a process that called train() in-process (a
-        test, eval.compare) must not keep a handler that ignores SIGTERM, or its forked workers
+        test, launch.compare) must not keep a handler that ignores SIGTERM, or its forked workers
         inherit it and can no longer be terminated.
 
         After a stop signal the handlers stay: the process is on its way out (exit 75), and a second
@@ -284,15 +284,6 @@ def train(cfg, out=None, before_run=None, allow_config_change: bool = False):
     return loop
 
 
-def _one_line(exc: BaseException) -> str:
-    """The message without a data-loader worker's re-raised traceback."""
-    text = str(exc).strip()
-    if "Original Traceback" in text:
-        lines = [ln for ln in text.splitlines() if ln.strip()]
-        text = lines[-1].split(": ", 1)[-1] if lines else text
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _is_oom(exc: BaseException) -> bool:
     import torch
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
@@ -310,33 +301,24 @@ def main(argv=None) -> int:
         print(dump(cfg), end="")
         return EXIT_OK
 
-    from trainer.checkpoint import CheckpointError
-    from trainer.loop import DataMismatch, StorageError
-    from trainer.runfolder import ConfigChanged, RunFolderBusy
-
-    def fail(code: int, prefix: str, exc: BaseException) -> int:
-        print(f"[trainer] {prefix}{_one_line(exc)}", file=sys.stderr, flush=True)
+    def fail(code: int, exc: BaseException) -> int:
+        print(f"[trainer] error: {one_line(exc, first_line=True)}", file=sys.stderr, flush=True)
         report("status", code)
         return code
 
     try:
         loop = train(cfg, args.out, allow_config_change=args.allow_config_change)
-    except TrainingDiverged as exc:
-        return fail(EXIT_DIVERGED, "error: ", exc)
-    except StorageError as exc:
-        return fail(EXIT_STORAGE, "error: ", exc)
-    except (ConfigError, ConfigChanged, CheckpointError, DataMismatch, RunFolderBusy) as exc:
-        return fail(EXIT_BAD_INPUT, "error: ", exc)
     except Exception as exc:
         if _is_oom(exc):
             t = cfg.train
-            exc = RuntimeError(f"out of memory with train.batch_size={t.batch_size}, train.g_batch_size="
-                               f"{t.g_batch_size or t.batch_size} (global) and this model; lower the batch size "
-                               f"or the model width ({_one_line(exc)[:200]})")
-            return fail(EXIT_BAD_INPUT, "error: ", exc)
-        if isinstance(exc, (ValueError, FileNotFoundError)):
-            return fail(EXIT_BAD_INPUT, "error: ", exc)
-        raise
+            return fail(EXIT_BAD_INPUT, RuntimeError(
+                f"out of memory with train.batch_size={t.batch_size}, train.g_batch_size="
+                f"{t.g_batch_size or t.batch_size} (global) and this model; lower the batch size "
+                f"or the model width ({one_line(exc, first_line=True)[:200]})"))
+        code = exit_code_of(exc)  # a declared error (trainer.errors) carries its code
+        if code is None:
+            raise  # anything else is a bug: its traceback, exit 1 (never "bad input")
+        return fail(code, exc)
     return loop.status
 
 

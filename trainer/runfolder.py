@@ -27,6 +27,8 @@ import socket
 import sys
 from typing import Any, Dict, Optional, Tuple
 
+from .errors import BadInput
+
 LOCK_FILE = ".trainer.lock"
 HISTORY_FILE = "config_history.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -44,11 +46,11 @@ RERUN_KEYS = frozenset({
 IGNORED_KEYS = frozenset({"exp"})     # the experiment's name; its content is compared key by key
 
 
-class RunFolderBusy(RuntimeError):
+class RunFolderBusy(BadInput, RuntimeError):
     """Another trainer holds the run folder."""
 
 
-class ConfigChanged(ValueError):
+class ConfigChanged(BadInput, ValueError):
     """A resume with a config that differs from the run's in keys a rerun may not change."""
 
 
@@ -174,7 +176,7 @@ def config_of_checkpoint(ckpt: str, meta: Dict[str, Any]) -> Optional[Dict[str, 
 
 
 # Keys added with a change of the default computation: a config.yaml written before one of them
-# existed was trained with the value here, so a resume (or eval.compare's reuse) compares against it
+# existed was trained with the value here, so a resume (or launch.compare's reuse) compares against it
 # and names the change instead of silently continuing with another computation.
 LEGACY_VALUES = {
     "model.sn_iteration": "uv", "model.sn_warmup": 15, "train.update_order": "d_first", "optim.adam": "torch",

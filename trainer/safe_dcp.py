@@ -29,6 +29,8 @@ from torch.distributed.checkpoint._nested_dict import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from .errors import BadInput
+
 __all__ = ["UnsafeCheckpoint", "MetadataUnpickler", "SafeFileSystemReader", "WeightsOnlyLoadPlanner",
            "CheckpointException", "is_checkpoint_exception"]
 
@@ -39,7 +41,7 @@ except ImportError:  # pragma: no cover - older torch
         pass
 
 
-class UnsafeCheckpoint(ValueError):
+class UnsafeCheckpoint(BadInput, ValueError):
     """A checkpoint file that asks the unpickler for something other than plain data."""
 
 

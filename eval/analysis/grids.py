@@ -1,4 +1,4 @@
-"""Sample grids of an exported generator: ``python -m eval.grids GENERATOR_OR_CKPT --out DIR``.
+"""Sample grids of an exported generator: ``python -m eval.analysis.grids GENERATOR_OR_CKPT --out DIR``.
 
 Kinds (``--kind``, default all three):
 
@@ -27,12 +27,14 @@ import os
 import sys
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-if __package__ in (None, ""):  # run as a script path: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script path: the repository root on sys.path, not this folder (ARCHITECTURE.md)
+    _HERE = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(os.path.dirname(_HERE))] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import torch
 import torchvision
 from torch import nn
+from trainer.errors import UsageError, exit_code_of, report
 
 KINDS = ("classes", "interp", "morph")
 
@@ -72,7 +74,7 @@ def class_mixture(G: nn.Module, weights: torch.Tensor) -> Iterator[None]:
                 raise ValueError(f"class weights have {weights.shape[-1]} columns; G has {m.num_classes} classes")
             handles += [m.gamma.register_forward_hook(replace), m.beta.register_forward_hook(replace)]
     if not handles:
-        raise ValueError(f"{type(G).__name__} has no class-conditional BN: class morphing needs a conditional G")
+        raise UsageError(f"{type(G).__name__} has no class-conditional BN: class morphing needs a conditional G")
     try:
         yield
     finally:
@@ -144,10 +146,10 @@ def morph(G: nn.Module, a: int, b: int, rows: int, steps: int, seed: int) -> tor
     """``[rows * steps, 3, H, W]``: fixed z per row, class weights moving from class ``a`` to ``b``."""
     k = num_classes_of(G)
     if k == 0:
-        raise ValueError("class morphing needs a class-conditional generator; this one is unconditional")
+        raise UsageError("class morphing needs a class-conditional generator; this one is unconditional")
     for c in (a, b):
         if not 0 <= c < k:
-            raise ValueError(f"morph class {c} outside [0, {k})")
+            raise UsageError(f"morph class {c} outside [0, {k})")
     z = _noise(seed, rows, G.z_dim, 3, getattr(G, "z_dist", "normal")).repeat_interleave(steps, dim=0)
     t = torch.linspace(0, 1, steps).repeat(rows)
     w = torch.zeros(rows * steps, k)
@@ -175,7 +177,7 @@ def int_list(text: Optional[str], flag: str) -> Optional[List[int]]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"{flag} {text!r}: expected comma-separated integers") from None
+        raise UsageError(f"{flag} {text!r}: expected comma-separated integers") from None
 
 
 def main(argv=None) -> int:
@@ -207,7 +209,7 @@ def main(argv=None) -> int:
         k = num_classes_of(G)
         bad = [c for c in classes or [] if not 0 <= c < max(k, 1)]
         if k and bad:
-            raise ValueError(f"--classes {bad} outside [0, {k})")
+            raise UsageError(f"--classes {bad} outside [0, {k})")
         os.makedirs(args.out, exist_ok=True)
         written = []
         for kind in kinds:
@@ -223,13 +225,14 @@ def main(argv=None) -> int:
                     continue
                 pair = classes or [0, 1]
                 if len(pair) < 2:
-                    raise ValueError(f"--classes {args.classes!r}: morph needs two classes A,B")
+                    raise UsageError(f"--classes {args.classes!r}: morph needs two classes A,B")
                 a, b = pair[:2]
                 save_grid(morph(G, a, b, args.rows, args.steps, args.seed), path, args.steps, args.scale)
             written.append(path)
-    except ValueError as exc:  # eval.ckpt.CheckpointError is a ValueError too
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        if exit_code_of(exc) is None:
+            raise  # a bug: its traceback, exit 1
+        return report(exc)  # declared bad input: one line, exit 2
     print(f"{meta['name']} ({meta['which']}, {k or 'no'} classes): wrote {', '.join(written)}")
     return 0
 

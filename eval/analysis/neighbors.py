@@ -1,4 +1,4 @@
-"""Nearest training images of generated samples: ``python -m eval.neighbors --ckpt CKPT --data SPEC``.
+"""Nearest training images of generated samples: ``python -m eval.analysis.neighbors --ckpt CKPT --data SPEC``.
 
 For each query (a generated sample, or with ``--query-indices`` an image of the data set itself)
 the ``k`` training images closest in L1 distance, in two spaces, as in the SN-GAN paper's
@@ -9,7 +9,7 @@ nearest-neighbour figure (Miyato et al. 2018, Appendix):
 - ``pixel``: raw pixels, scaled to [0, 1].
 
 The search is exact and streams the data once: each rank takes a disjoint exact slice of the data
-set (``eval.dist.exact_slice``; shards are read in order, so a rank reads only its own shards),
+set (``trainer.dist.exact_slice``; shards are read in order, so a rank reads only its own shards),
 computes the features of a batch, the ``[queries, batch]`` L1 distances, and keeps a running top-k
 (distances, indices, labels and the images themselves, so no random access to the data is needed
 afterwards). Rank 0 gathers the ranks' ``k`` candidates per query and merges them. The work per
@@ -30,14 +30,16 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-if __package__ in (None, ""):  # run as a script path: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script path: the repository root on sys.path, not this folder (ARCHITECTURE.md)
+    _HERE = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(os.path.dirname(_HERE))] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import torch
 import torchvision
 
-from eval import dist
-from eval.grids import int_list
+from trainer import dist
+from eval.analysis.grids import int_list
+from trainer.errors import UsageError, exit_code_of, report
 
 SPACES = ("phi", "pixel")
 
@@ -50,7 +52,7 @@ def embed(images: torch.Tensor, space: str, D: Optional[torch.nn.Module], device
     if space == "phi":
         from data_pipelines.stream import to_model_range
         return D.features(to_model_range(images, device)).float().flatten(1)
-    raise ValueError(f"unknown space {space!r}; valid: {', '.join(SPACES)}")
+    raise UsageError(f"unknown space {space!r}; valid: {', '.join(SPACES)}")
 
 
 class TopK:
@@ -105,18 +107,18 @@ def search(queries: torch.Tensor, source, D: Optional[torch.nn.Module], k: int =
     device = device or dist.device()
     n = len(source) if num_images <= 0 else min(num_images, len(source))
     if n < 1:
-        raise ValueError("the data set is empty")
+        raise UsageError("the data set is empty")
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise UsageError(f"k must be >= 1, got {k}")
     if "phi" in spaces and D is None:
-        raise ValueError("the phi space needs a discriminator")
+        raise UsageError("the phi space needs a discriminator")
     t0 = time.time()
     q_vec = {s: embed(queries, s, D, device) for s in spaces}
     tops = {s: TopK(queries.shape[0], k) for s in spaces}
     start, end = dist.exact_slice(n)
     for images, labels, index in source.batches(start, end, batch_size):
         if images.shape[1:] != queries.shape[1:]:
-            raise ValueError(f"data images are {tuple(images.shape[1:])} but the queries are "
+            raise UsageError(f"data images are {tuple(images.shape[1:])} but the queries are "
                              f"{tuple(queries.shape[1:])}; pass --resolution {queries.shape[-1]}")
         payload = {"index": index, "label": labels, "image": images}
         for s in spaces:
@@ -144,7 +146,7 @@ def neighbor_grid(queries: torch.Tensor, neighbours: torch.Tensor, gap: int = 4,
 
 def _generated_queries(ckpt: str, n: int, classes: Optional[List[int]], seed: int, device):
     from eval.ckpt import resolve_generator
-    from eval.discriminator import resolve_checkpoint
+    from eval.analysis.discriminator import resolve_checkpoint
     from eval.generate import sample_noise, to_uint8
     from models.export import load_generator
     gen_path, _ = resolve_generator(ckpt if ckpt.endswith(".safetensors") else resolve_checkpoint(ckpt))
@@ -154,7 +156,7 @@ def _generated_queries(ckpt: str, n: int, classes: Optional[List[int]], seed: in
         cls = classes or [i % num_classes for i in range(n)]
         bad = [c for c in cls if not 0 <= c < num_classes]
         if bad:
-            raise ValueError(f"--classes {bad} outside [0, {num_classes})")
+            raise UsageError(f"--classes {bad} outside [0, {num_classes})")
     else:
         cls = [0] * n
     cls = (cls * n)[:n]
@@ -168,7 +170,7 @@ def _generated_queries(ckpt: str, n: int, classes: Optional[List[int]], seed: in
 def _data_queries(source, indices: List[int]) -> torch.Tensor:
     bad = [i for i in indices if not 0 <= i < len(source)]
     if bad:
-        raise ValueError(f"--query-indices {bad} outside the data set [0, {len(source)})")
+        raise UsageError(f"--query-indices {bad} outside the data set [0, {len(source)})")
     return torch.cat([next(iter(source.batches(i, i + 1, 1)))[0] for i in indices])
 
 
@@ -193,16 +195,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="noise seed of the generated queries")
     p.add_argument("--scale", type=int, default=1, help="enlarge the images of the PNGs this many times")
     args = p.parse_args(argv)
-    from eval.data import DataError, open_source
-    from eval.discriminator import CheckpointError, load_discriminator
+    from eval.data import open_source
+    from eval.analysis.discriminator import load_discriminator
     try:
         spaces = [s.strip() for s in args.spaces.split(",") if s.strip()]
         bad = [s for s in spaces if s not in SPACES]
         if bad or not spaces:
-            raise ValueError(f"--spaces {args.spaces!r}: unknown {bad}; valid: {','.join(SPACES)}")
+            raise UsageError(f"--spaces {args.spaces!r}: unknown {bad}; valid: {','.join(SPACES)}")
         for flag in ("num_queries", "k", "batch_size", "scale"):
             if getattr(args, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+                raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
         dist.init()
         device = dist.device()
         source = open_source(args.data, args.resolution)
@@ -214,9 +216,10 @@ def main(argv=None) -> int:
             queries, q_classes = _generated_queries(args.ckpt, args.num_queries,
                                                     int_list(args.classes, "--classes"), args.seed, device)
         result = search(queries, source, D, args.k, spaces, args.batch_size, args.num_images, device)
-    except (CheckpointError, DataError, ValueError) as exc:  # eval.ckpt's errors are ValueErrors
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        if exit_code_of(exc) is None:
+            raise  # a bug: its traceback, exit 1
+        return report(exc)  # declared bad input: one line, exit 2
     if dist.is_main():
         os.makedirs(args.out, exist_ok=True)
         rate = result["images"] / max(result["seconds"], 1e-9)

@@ -1,4 +1,4 @@
-"""Singular-value spectra of D's layers: ``python -m eval.spectra RUN_OR_CKPT [RUN_OR_CKPT ...]``.
+"""Singular-value spectra of D's layers: ``python -m eval.analysis.spectra RUN_OR_CKPT [RUN_OR_CKPT ...]``.
 
 For every weight layer of D (convs, linear, the projection embedding) the *effective* weight is the
 one the layer computes with: ``W / sigma(W)`` under spectral normalization (with the stored power
@@ -37,8 +37,9 @@ import os
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-if __package__ in (None, ""):  # run as a script path: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script path: the repository root on sys.path, not this folder (ARCHITECTURE.md)
+    _HERE = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(os.path.dirname(_HERE))] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import torch
 from torch import nn
@@ -187,7 +188,7 @@ def plot(results: Sequence[dict], path: str, cols: int = 4, title: Optional[str]
 
 def analyse(paths: Sequence[str], labels: Optional[Sequence[str]] = None,
             operator_norm: bool = False) -> List[dict]:
-    from eval.discriminator import load_discriminator
+    from eval.analysis.discriminator import load_discriminator
     results = []
     for i, path in enumerate(paths):
         D, info = load_discriminator(path)
@@ -244,12 +245,13 @@ def main(argv=None) -> int:
         p.error(f"--labels has {len(labels)} entries for {len(args.paths)} paths")
     if args.cols < 1:
         p.error(f"--cols must be >= 1, got {args.cols}")
-    from eval.discriminator import CheckpointError
+    from trainer.errors import exit_code_of, report
     try:
         results = analyse(args.paths, labels, args.operator_norm)
-    except (CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        if exit_code_of(exc) is None:
+            raise  # a bug: its traceback, exit 1
+        return report(exc)  # declared bad input: one line, exit 2
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "spectra.json"), "w") as fh:
         json.dump(results, fh, indent=1)
