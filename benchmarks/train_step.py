@@ -32,6 +32,7 @@ def bare_iteration(parts, data_iter, n_dis, d_batch, g_batch, num_classes, devic
     """The textbook SN-GAN iteration, written out by hand (hinge loss)."""
     G, D, opt_g, opt_d = parts.G, parts.D, parts.opt_g, parts.opt_d
     D.requires_grad_(True)
+    G.requires_grad_(False)
     for _ in range(n_dis):
         images, labels = next(data_iter)
         real = to_model_range(images, device)
@@ -49,6 +50,7 @@ def bare_iteration(parts, data_iter, n_dis, d_batch, g_batch, num_classes, devic
     y = torch.randint(num_classes, (g_batch,), device=device) if num_classes else None
     opt_g.zero_grad(set_to_none=True)
     D.requires_grad_(False)
+    G.requires_grad_(True)
     with torch.autocast(**autocast):
         loss = -D(G(z, y), y).float().mean()
     loss.backward()

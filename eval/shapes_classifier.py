@@ -1,7 +1,7 @@
 """A small classifier of the embedded shapes10 data set, registered as the extractor ``shapes10-cnn``.
 
 The Inception network that FID/IS use runs at about one image per second on a busy 2-core CPU, so
-a CPU-sized comparison (``eval.compare --quick``) cannot afford it. This is the domain-specific
+a CPU-sized comparison (``launch.compare --quick``) cannot afford it. This is the domain-specific
 alternative used for small data sets (as a LeNet for MNIST): a four-layer CNN trained once, in
 about a minute of CPU, to tell the ten shapes10 classes apart. Its 64-dimensional penultimate
 features, scaled so that real images have mean per-dimension variance 1, give an FID
@@ -9,7 +9,8 @@ features, scaled so that real images have mean per-dimension variance 1, give an
 the shapes domain and are comparable only with each other, never with Inception numbers.
 
 Training is seeded and the weights are cached in ``$SNGAN_CACHE_DIR`` (default
-``~/.cache/sngan``) under a hash of this file's source. The feature family names a hash of the
+``~/.cache/sngan``) under a hash of this file's source and the data generator's
+(data_pipelines/synthetic.py), so a change of the drawing retrains it. The feature family names a hash of the
 weights, so statistics of different weights (another machine's training, say) are never mixed.
 """
 
@@ -59,8 +60,11 @@ def _prepare(images: torch.Tensor) -> torch.Tensor:
 
 
 def _cache_path() -> str:
+    # the data it is trained on is part of the key: another drawing, other weights
+    from data_pipelines import synthetic
     root = os.environ.get("SNGAN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sngan")
-    code = hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()[:12]
+    source = inspect.getsource(sys.modules[__name__]) + inspect.getsource(synthetic)
+    code = hashlib.sha256(source.encode()).hexdigest()[:12]
     return os.path.join(root, f"{NAME}-{code}.pt")
 
 

@@ -1,5 +1,5 @@
 """The shapes10-cnn extractor: trained once and cached, accurate, and its FID separates real data
-from class-dropped data by orders of magnitude (the calibration eval.compare --quick relies on)."""
+from class-dropped data by orders of magnitude (the calibration launch.compare --quick relies on)."""
 
 import os
 

@@ -68,7 +68,7 @@ def test_seeds_experiment_has_pgc_values_and_builds(exp):
     if constraint == "gp":
         assert cfg.loss.gp_weight == 10.0
     if constraint == "sn":
-        assert (m.n_power_iterations, m.sn_iteration, m.sn_warmup) == (1, "official", 0)
+        assert (m.n_power_iterations, m.sn_iteration, m.sn_warmup) == (1, "torch", 0)
     with torch.device("meta"):
         G = models.build_generator(m.g, **generator_kwargs(cfg))
         D = models.build_discriminator(m.d, **discriminator_kwargs(cfg, build_constraint(m.d_constraint)))
