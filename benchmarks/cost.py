@@ -36,7 +36,6 @@ divided by the time, against the fp32 matmul peak of this CPU measured with the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os

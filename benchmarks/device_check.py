@@ -210,7 +210,7 @@ def run_section(name: str, fn: Callable[[Dict], None]) -> Dict:
         out["status"] = "ok"
     except Skip as exc:
         out.update(status="skipped", reason=str(exc))
-    except Exception as exc:  # noqa: BLE001 - a failing section must not stop the others
+    except Exception as exc:
         out.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:4000])
         if not isinstance(exc, CheckFailed):
             out["traceback"] = traceback.format_exc()[-4000:]
@@ -245,12 +245,12 @@ def main(argv=None) -> int:
             try:
                 data, ref = tiny_data(work / "tiny", args.extractor, data)
                 report["tiny_data"] = {"shards": data, "ref": ref}
-            except Exception as exc:  # noqa: BLE001 - the sections that need the data fail with this
+            except Exception as exc:
                 data_error = f"the --tiny data could not be written: {type(exc).__name__}: {exc}"
         if args.tiny and not args.ffcv and not args.data and importlib.util.find_spec("ffcv") is not None:
             try:
                 args.ffcv = tiny_ffcv(work / "tiny")
-            except Exception as exc:  # noqa: BLE001 - only the loader's FFCV entry needs it
+            except Exception as exc:
                 ffcv_error = f"the --tiny .beton could not be written: {type(exc).__name__}: {exc}"
 
         def with_data(fn):

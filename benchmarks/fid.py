@@ -40,17 +40,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from trainer import dist  # noqa: E402
-from eval.data import open_source  # noqa: E402
-from eval.extractors import (build_extractor, fid_helper_model_path,  # noqa: E402
+from trainer import dist
+from eval.data import open_source
+from eval.extractors import (build_extractor, fid_helper_model_path,
                              torch_fidelity_weights_path)
-from eval.generate import Plan, balanced_counts, generate, rank_batches  # noqa: E402
-from eval.main import EvalOptions, evaluate  # noqa: E402
-from eval.reference import compute_reference  # noqa: E402
-from eval.stats import frechet_distance  # noqa: E402
-from eval.statsfile import load_stats  # noqa: E402
+from eval.generate import Plan, balanced_counts, generate, rank_batches
+from eval.main import EvalOptions, evaluate
+from eval.reference import compute_reference
+from eval.stats import frechet_distance
+from eval.statsfile import load_stats
 
 
 def torch_fidelity_extractor_class(model_path: str):

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import build_discriminator, build_generator, discriminator_names, generator_names  # noqa: E402
+from models import build_discriminator, build_generator, discriminator_names, generator_names
 
 
 def count(module: torch.nn.Module) -> int:

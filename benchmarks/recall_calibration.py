@@ -14,12 +14,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from data_pipelines.synthetic import render  # noqa: E402
-from launch.compare_score import Scorer  # noqa: E402
-from eval.data import open_source  # noqa: E402
-from eval.extractors import build_extractor  # noqa: E402
+from data_pipelines.synthetic import render
+from launch.compare_score import Scorer
+from eval.data import open_source
+from eval.extractors import build_extractor
 
 
 def main(argv):

@@ -29,7 +29,7 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import build_discriminator, spectral_norm  # noqa: E402
+from models import build_discriminator, spectral_norm
 
 VARIANTS = ("ours", "torch", "none")
 MODELS = {32: "resnet32", 128: "resnet128"}
@@ -181,7 +181,7 @@ def main() -> None:
           f"{args.sn_only_reps}):\n")
     print("| model | ours (ms) | torch SN (ms) | ours/torch |")
     print("|---|---:|---:|---:|")
-    for r, model, _, sn in results:
+    for _r, model, _, sn in results:
         print(f"| {model} | {1e3 * sn['ours']:.3f} | {1e3 * sn['torch']:.3f} "
               f"| {sn['ours'] / sn['torch']:.3f} |")
 

@@ -20,12 +20,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from data_pipelines import to_model_range  # noqa: E402
-from trainer.build import build_parts  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.loop import Loop  # noqa: E402
+from data_pipelines import to_model_range
+from trainer.build import build_parts
+from trainer.config import load_config
+from trainer.loop import Loop
 
 
 def bare_iteration(parts, data_iter, n_dis, d_batch, g_batch, num_classes, device, autocast):

@@ -95,7 +95,7 @@ def make_distribution(root: str | Path, classes: Sequence[int] = (0, 7, 151, 293
             wnid = ILSVRC2012_WNIDS[c]
             buf = io.BytesIO()
             with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as inner:
-                for name, wn, data in reversed([t for t in train if t[1] == wnid]):
+                for name, _wn, data in reversed([t for t in train if t[1] == wnid]):
                     _add(inner, name, data)
             _add(outer, f"{wnid}.tar", buf.getvalue())
     # Validation: images interleaved across classes, numbered 1..N.

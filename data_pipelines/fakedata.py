@@ -79,7 +79,7 @@ def make_imagenet(root: str | Path, classes: Sequence[int] = (0, 1, 2), per_clas
         rows, gt = [], []
         n = 0
         for cls in classes:
-            for j in range(val_per_class):
+            for _j in range(val_per_class):
                 n += 1
                 stem = f"ILSVRC2012_val_{n:08d}"
                 _save(Image.fromarray(pattern(500_000 + n, h, w)), root / "val" / f"{stem}.JPEG", "JPEG", quality=95)

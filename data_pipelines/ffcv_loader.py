@@ -41,7 +41,7 @@ INSTALL_HINT = ("apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev &
 def require_ffcv():
     """The ffcv module, or an ImportError saying how to install it."""
     try:
-        import ffcv  # noqa: F401
+        import ffcv
         from ffcv.loader import Loader  # noqa: F401  (compiled extension: fails if libs are missing)
     except ImportError as exc:
         raise ImportError(f"data.backend=ffcv / --format ffcv needs the optional package ffcv ({exc}). "

@@ -109,7 +109,7 @@ class Opened:
             if proc is not None and proc.poll() is None:
                 proc.terminate()
             self.handle.close()
-        except Exception:  # noqa: BLE001 - see above
+        except Exception:
             pass
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from trainer.errors import EXIT_BAD_INPUT, exit_code_of, one_line, report  # noqa: F401  (one_line: re-exported)
+from trainer.errors import EXIT_BAD_INPUT, exit_code_of, one_line, report
 
 __all__ = ["EXIT_BAD_INPUT", "cli", "one_line"]
 

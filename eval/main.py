@@ -287,7 +287,8 @@ def options_from_args(args) -> EvalOptions:
 def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint folder (ckpt-<step>/), run folder (its newest complete checkpoint) or generator.safetensors")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder (ckpt-<step>/), run folder (its newest complete "
+                   "checkpoint) or generator.safetensors")
     p.add_argument("--ref", required=True, help="reference statistics .npz (python -m eval.reference)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     add_eval_args(p)

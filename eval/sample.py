@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of images (balanced over the classes of a conditional model); not needed with "
                         "--per-class. Under torchrun / accelerate launch write --num-samples: their parsers "
                         "take --num for their own --numa-binding / --num_processes")
-    p.add_argument("--out", required=True, metavar="DIR|FILE.npz", help="folder for PNGs, or FILE.npz for one uint8 NHWC array arr_0 "
+    p.add_argument("--out", required=True, metavar="DIR|FILE.npz",
+                   help="folder for PNGs, or FILE.npz for one uint8 NHWC array arr_0 "
                                                 "(+ labels)")
     p.add_argument("--classes", default=None, metavar="C1,C2,...",
                    help="conditional models: comma-separated class indices to sample, e.g. 1,2,5 (None: all classes)")

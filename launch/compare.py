@@ -425,7 +425,7 @@ def _train_parallel(todo: List[RowResult], args) -> None:
             if stop and not running:
                 break
     finally:
-        for r, proc, _ in running.values():  # interrupted here (Ctrl-C, an error): checkpoint and stop
+        for _r, proc, _ in running.values():  # interrupted here (Ctrl-C, an error): checkpoint and stop
             proc.terminate()
         for r, proc, t0 in running.values():
             r.exit = proc.wait()

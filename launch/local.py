@@ -77,7 +77,8 @@ class Forwarder:
         name = signal.Signals(signum).name
         again = signum in self.received
         self.received.append(signum)
-        print(f"[launch] {name}: {'again, stopping the ranks at once' if again else 'forwarding to every rank; each writes its checkpoint and stops'}",
+        what = "again, stopping the ranks at once" if again else "forwarding to every rank; each writes its checkpoint and stops"
+        print(f"[launch] {name}: {what}",
               file=sys.stderr, flush=True)
         # Delivered by the polling loop in run(): a handler that delivered itself could interleave
         # with a delivery in progress and send a rank the same signal twice (= stop at once).

@@ -11,7 +11,7 @@ from .layers import (NORMS, ConditionalBatchNorm2d, DLayers, GBatchNorm2d, Proje
 from .layers import Z_DISTS, sample_z
 
 # Importing the architecture modules registers their builders.
-from . import cnn, resnet, seeds  # noqa: E402,F401  (isort: skip)
+from . import cnn, resnet, seeds  # noqa: F401  (isort: skip)
 
 __all__ = ["build_generator", "build_discriminator", "generator_names", "discriminator_names",
            "register_generator", "register_discriminator", "spectral_norm", "spectral_norm_layers",

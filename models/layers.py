@@ -25,7 +25,8 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from .spectral_norm import spectral_norm
 
-__all__ = ["NORMS", "Z_DISTS", "sample_z", "apply_norm", "DLayers", "GBatchNorm2d", "set_bn_splits", "ConditionalBatchNorm2d", "ProjectionHead",
+__all__ = ["NORMS", "Z_DISTS", "sample_z", "apply_norm", "DLayers", "GBatchNorm2d", "set_bn_splits", "set_bn_eps",
+           "ConditionalBatchNorm2d", "ProjectionHead",
            "xavier_init", "normal_init", "check_labels"]
 
 NORMS = ("sn", "wn", "none")

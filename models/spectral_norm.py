@@ -322,7 +322,7 @@ def configure_spectral_norm(model: nn.Module, iteration: str = "official", warmu
     for module in model.modules():
         if not parametrize.is_parametrized(module):
             continue
-        for name, plist in module.parametrizations.items():
+        for _name, plist in module.parametrizations.items():
             for sn in plist:
                 if isinstance(sn, SpectralNorm):
                     sn.iteration = iteration

@@ -8,10 +8,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from trainer.config import load_config  # noqa: E402
-from trainer.main import train  # noqa: E402
+from trainer.config import load_config
+from trainer.main import train
 
 
 def main():

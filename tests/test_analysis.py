@@ -48,7 +48,8 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("analysis")
     return {name: make_run(tmp / name, *ov) for name, ov in {
         # SN with u warmed up at init: after 3 steps the official (cold) u has not converged yet.
-        "sn": ["model.sn_warmup=15"], "wn": ["model.d_constraint=wn"], "orth": ["model.d_constraint=orth", "model.num_classes=0"]}.items()}
+        "sn": ["model.sn_warmup=15"], "wn": ["model.d_constraint=wn"],
+        "orth": ["model.d_constraint=orth", "model.num_classes=0"]}.items()}
 
 
 def known_matrix(s, rows, cols, seed=0):

@@ -54,7 +54,8 @@ def served(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("remote")
     fakedata.make_imagenet(root / "raw", classes=(0, 1, 2, 3), per_class=5, size=(30, 40))
-    prepare(open_source("imagenet", str(root / "raw"), "train", classes="n01440764,n01443537,n01484850,n01491361"), root / "www" / "with",
+    classes = "n01440764,n01443537,n01484850,n01491361"
+    prepare(open_source("imagenet", str(root / "raw"), "train", classes=classes), root / "www" / "with",
             PrepareOptions(resolution=R, samples_per_shard=3, progress=False))
     (root / "www" / "plain").mkdir()
     for shard in sorted((root / "www" / "with").glob("*.tar")):

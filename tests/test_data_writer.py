@@ -27,7 +27,7 @@ def shard_samples(folder):
         buf = read_shard(os.path.join(folder, shard["name"]))
         index, damage = index_shard(buf)
         assert damage is None
-        for offset, size, label, is_jpeg in index.tolist():
+        for offset, size, label, _is_jpeg in index.tolist():
             key = bytes(buf[offset - 512:offset - 412]).split(b"\0")[0].decode().split(".")[0]
             img = np.asarray(Image.open(io.BytesIO(bytes(buf[offset:offset + size]))).convert("RGB"))
             out[key] = (img, label)

@@ -28,7 +28,7 @@ N, PER_CLASS = 251, 25   # not divisible by 2 ranks; intra-FID (250 samples) is 
 
 def launch(make_cmd, timeout=300):
     """Run a launcher command; once more on a fresh port if the free port was taken meanwhile."""
-    for attempt in range(2):
+    for _attempt in range(2):
         proc = subprocess.run(make_cmd(free_port()), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                               env=subprocess_env())
         if proc.returncode == 0 or "address already in use" not in (proc.stdout + proc.stderr).lower():

@@ -191,7 +191,7 @@ def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys):
 
 def launch(cmd, timeout=300):
     """Run a launcher command; once more on a fresh port if the free port was taken meanwhile."""
-    for attempt in range(2):
+    for _attempt in range(2):
         proc = subprocess.run(cmd(free_port()), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                               env=subprocess_env())
         if proc.returncode == 0 or "address already in use" not in (proc.stdout + proc.stderr).lower():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import models
-from .config import Config, discriminator_kwargs, generator_kwargs  # noqa: F401  (part of this module's interface)
+from .config import Config, discriminator_kwargs, generator_kwargs
 from .losses import GANLoss, get_loss
 from .regularizers import DConstraint, build_constraint
 

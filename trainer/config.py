@@ -62,7 +62,8 @@ class ModelConfig:
     # uv = torch's parametrizations.spectral_norm order (u from the stored v first). docs/fidelity.md.
     sn_iteration: str = bounded("official", choices=("official", "torch", "uv"))
     sn_warmup: int = bounded(0, low=0, high=10000)  # power-iteration steps on each SN weight at construction (official: 0)
-    bn_eps: float = bounded(2e-5, low=0.0, low_open=True, high=1.0)  # G's BatchNorm eps (2e-5: Chainer's default, the official code; torch's is 1e-5)
+    # G's BatchNorm eps (2e-5: Chainer's default, the official code; torch's is 1e-5)
+    bn_eps: float = bounded(2e-5, low=0.0, low_open=True, high=1.0)
     # G's BatchNorm statistics as on this many processes: each rank's batch is cut into
     # bn_world / world_size slices with statistics of their own (the official ImageNet runs used 4
     # GPUs with per-GPU statistics). 0 = statistics over each rank's whole batch.
@@ -78,7 +79,8 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = bounded("hinge", choices=("hinge", "wasserstein", "ns", "minimax"))  # hinge | wasserstein | ns (non-saturating, "DCGAN"/"KL") | minimax
+    # hinge | wasserstein | ns (non-saturating, "DCGAN"/"KL") | minimax
+    name: str = bounded("hinge", choices=("hinge", "wasserstein", "ns", "minimax"))
     gp_weight: float = bounded(10.0, low=0.0)  # WGAN-GP lambda (Gulrajani et al. 2017)
     orth_weight: float = bounded(1e-4, low=0.0)  # orthonormal regularization beta (Brock et al. 2016)
     clip_value: float = bounded(0.01, low=0.0, low_open=True)  # WGAN weight clipping c (Arjovsky et al. 2017)
@@ -95,7 +97,8 @@ class OptimConfig:
     lr_d: float = bounded(2e-4, low=0.0, low_open=True)
     beta1: float = bounded(0.0, low=0.0, high=1.0, high_open=True)
     beta2: float = bounded(0.9, low=0.0, high=1.0, high_open=True)
-    schedule: str = bounded("constant", choices=("constant", "linear"))  # constant | linear (decay to 0 between decay_start and decay_end)
+    # constant | linear (decay to 0 between decay_start and decay_end)
+    schedule: str = bounded("constant", choices=("constant", "linear"))
     # Optimizer kernels: auto = fused on CUDA (one kernel for all parameters), foreach elsewhere;
     # fused | foreach | loop force one (the same update, to rounding).
     implementation: str = bounded("auto", choices=("auto", "fused", "foreach", "loop"))
@@ -433,7 +436,7 @@ def _models_at(resolution: int) -> str:
             try:
                 if getattr(models.build_generator(name), "resolution", None) == resolution:
                     names.append(name)
-            except Exception:  # noqa: BLE001 - only listing what exists
+            except Exception:
                 pass
     return "available: " + ", ".join(names) if names else "none exists"
 

@@ -37,7 +37,7 @@ from .samples import fixed_inputs, render_grid, save_grid
 from .evaluation import InTrainingEval
 from .stats import Collector, MetricsWriter, parse_log_with
 
-from .errors import EXIT_OK, EXIT_PREEMPTED, BadInput, Diverged, StorageFailure  # noqa: F401  (EXIT_*: re-exported)
+from .errors import EXIT_OK, EXIT_PREEMPTED, BadInput, Diverged, StorageFailure
 
 
 class TrainingDiverged(Diverged, RuntimeError):

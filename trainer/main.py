@@ -31,10 +31,10 @@ if __package__ in (None, ""):  # run as a script path: the repository root on sy
     _HERE = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
-from trainer.config import ConfigError, available_experiments, dump, load_config, to_dict  # noqa: E402
-from trainer.errors import (  # noqa: E402,F401  (EXIT_*: re-exported for the launchers and tests)
+from trainer.config import ConfigError, available_experiments, dump, load_config, to_dict
+from trainer.errors import (  # noqa: F401  (EXIT_*: re-exported for the launchers and tests)
     EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, EXIT_STORAGE, exit_code_of, one_line)
-from trainer.loop import TrainingDiverged  # noqa: E402,F401
+from trainer.loop import TrainingDiverged  # noqa: F401
 STOP_SIGNALS = ("SIGTERM", "SIGUSR2", "SIGINT")
 STATUS_DIR_ENV = "SNGAN_STATUS_DIR"   # set by launch/local.py: where each rank reports its pid and exit status
 

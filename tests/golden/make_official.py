@@ -527,7 +527,8 @@ def main(argv=None) -> int:
              f"(e.g. /tmp/chainer-venv/bin/python; pip install chainer==7.8.1 pyyaml)")
     os.makedirs(args.out, exist_ok=True)
     dtype = np.float64 if args.dtype == "float64" else np.float32
-    command = " ".join(["python", "tests/golden/make_official.py",   # python: the Chainer environment "--sngan-projection", args.sngan_projection,
+    # "python": the Chainer environment's interpreter.
+    command = " ".join(["python", "tests/golden/make_official.py", "--sngan-projection", args.sngan_projection,
                         "--chainer-gan-lib", args.chainer_gan_lib, "--out", args.out]
                        + ([] if args.dtype == "float64" else ["--dtype", args.dtype]))
     wanted = args.only or PAIRS

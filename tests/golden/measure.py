@@ -21,9 +21,9 @@ if __package__ in (None, ""):
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:0] = [os.path.dirname(here), os.path.dirname(os.path.dirname(here))]
 
-import torch  # noqa: E402
+import torch
 
-from golden.harness import build_config, compare, fixture_paths, load_fixture, replay  # noqa: E402
+from golden.harness import build_config, compare, fixture_paths, load_fixture, replay
 
 
 def alternatives(cfg) -> dict:
