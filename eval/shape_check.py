@@ -50,11 +50,8 @@ _LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
 class ShapeNet(nn.Module):
     def __init__(self, width: int = 24, num_shapes: int = 5):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        from eval.shapes_classifier import conv_body
+        self.body = conv_body(1, width)   # the same body as shapes10-cnn, on one grey channel
         self.fc = nn.Linear(2 * width, num_shapes)
 
     def forward(self, x):

@@ -33,14 +33,19 @@ TRAIN_IMAGES = 5000          # indices [0, 5000) of synthetic:32
 HELD_OUT = range(49000, 50000)  # accuracy is measured on these
 
 
+def conv_body(in_ch: int, width: int) -> nn.Sequential:
+    """Four 3x3 convs with ReLU, three 2x2 max-pools and a global average: [B, 2 * width, 1, 1]."""
+    return nn.Sequential(
+        nn.Conv2d(in_ch, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+
+
 class ShapesNet(nn.Module):
     def __init__(self, width: int = 32, num_classes: int = 10):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.body = conv_body(3, width)
         self.fc = nn.Linear(2 * width, num_classes)
         self.dim = 2 * width
         # Features are divided by this (set after training) so that real data has mean per-dimension

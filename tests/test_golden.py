@@ -14,19 +14,13 @@ computation fails here.
 import os
 
 import pytest
-import torch
 
 from golden.harness import TOLERANCE, compare, fixture_paths, load_fixture, replay
 
 FIXTURES = fixture_paths()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)    # tiny tensors: threads only add overhead; results do not depend on it
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(paths):

@@ -12,14 +12,7 @@ from models.export import load_generator, save_generator
 from models.spectral_norm import SpectralNorm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add OpenMP overhead, which on a busy 2-core
-    machine multiplied this file's wall time by about 5."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ARCHS = ["cnn32", "cnn48", "dcgan32", "resnet32", "resnet48", "resnet128", "resnet256"]

@@ -12,14 +12,7 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 from models.spectral_norm import SpectralNorm, sigmas, spectral_norm, spectral_norm_layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add OpenMP overhead, which on a busy 2-core
-    machine multiplied this file's wall time by about 5."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sn(module: nn.Module) -> SpectralNorm:
