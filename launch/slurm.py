@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):  # run as a script path: make the repository importable
@@ -356,23 +357,22 @@ def cmd_train(args) -> int:
         params["setup"] = [*params["setup"], "export SNGAN_EVAL_EXTERNAL=1"]
         watch_params = sbatch_parameters(argparse.Namespace(**{**vars(args), "nodes": 1}),
                                          f"{args.job_name or 'sngan-' + exp_name}-evalwatch", max(args.gpus_per_node, 1))
-        watch = ("in-training evaluation (eval.batch --watch, beside training)", watch_params,
-                 [EvalTask("eval.batch", [*evaluator_args(load_config(args.exp, args.overrides), run_dir), "--after-trainer"],
-                           args.gpus_per_node)])
+        watch = JobPlan("in-training evaluation (eval.batch --watch, beside training)", watch_params,
+                        [EvalTask("eval.batch", [*evaluator_args(load_config(args.exp, args.overrides), run_dir),
+                                                 "--after-trainer"], args.gpus_per_node)])
     if args.dry_run:
         print_dry_run(what, run_dir, params, [task])
         print("# resolved config:\n" + config_yaml, end="")
         if watch is not None:
-            print_dry_run(watch[0], run_dir, watch[1], watch[2])
+            watch.show(run_dir)
         if args.eval:
-            print_dry_run(*eval_plan(run_dir, eval_args, after="TRAIN_JOB_ID"))
+            eval_plan(run_dir, eval_args, after="TRAIN_JOB_ID").show(run_dir)
         return 0
     entries = submit(run_dir, "train", what, params, [task], args.max_requeues)
     if watch is not None:
-        entries += submit(run_dir, "eval", watch[0], watch[1], watch[2])
+        entries += watch.submit(run_dir, "eval")
     if args.eval:
-        eval_what, _, eval_params, eval_tasks = eval_plan(run_dir, eval_args, after=entries[0]["job_id"])
-        entries += submit(run_dir, "eval", eval_what, eval_params, eval_tasks)
+        entries += eval_plan(run_dir, eval_args, after=entries[0]["job_id"]).submit(run_dir, "eval")
     return wait_all(entries) if args.wait else 0
 
 
@@ -394,8 +394,22 @@ def select_checkpoints(run_dir: str, which: str) -> list[str]:
     return [steps[s] for s in sorted(wanted)]
 
 
-def eval_plan(run_dir: str, args, after: str | None = None) -> tuple[str, str, dict, list]:
-    """(what, run_dir, sbatch params, tasks) for evaluating the run's checkpoints."""
+@dataclass
+class JobPlan:
+    """One job (or array) to submit: what it is, its submitit/sbatch parameters, its tasks."""
+    what: str
+    params: dict
+    tasks: list
+
+    def show(self, run_dir: str) -> None:
+        print_dry_run(self.what, run_dir, self.params, self.tasks)
+
+    def submit(self, run_dir: str, kind: str, max_requeues: int = 3) -> list[dict]:
+        return submit(run_dir, kind, self.what, self.params, self.tasks, max_requeues)
+
+
+def eval_plan(run_dir: str, args, after: str | None = None) -> JobPlan:
+    """The job that evaluates the run's checkpoints."""
     run_name = os.path.basename(run_dir.rstrip("/"))
     name = (f"{args.job_name}-eval" if args.job_name and after else args.job_name) or f"sngan-eval-{run_name}"
     params = sbatch_parameters(args, name, max(args.gpus_per_node, 1))
@@ -414,7 +428,7 @@ def eval_plan(run_dir: str, args, after: str | None = None) -> tuple[str, str, d
     else:
         tasks = [EvalTask("eval.batch", [run_dir, *args.eval_args], args.gpus_per_node)]
         what = "eval.batch over all checkpoints" + (f", after job {after} succeeds" if after else "")
-    return what, run_dir, params, tasks
+    return JobPlan(what, params, tasks)
 
 
 def cmd_eval(args) -> int:
@@ -422,9 +436,10 @@ def cmd_eval(args) -> int:
     if not os.path.isdir(run_dir):
         print(f"error: run folder {run_dir} does not exist", file=sys.stderr)
         return 2
-    what, _, params, tasks = eval_plan(run_dir, args)
+    plan = eval_plan(run_dir, args)
+    what, params, tasks = plan.what, plan.params, plan.tasks
     if args.dry_run:
-        print_dry_run(what, run_dir, params, tasks)
+        plan.show(run_dir)
         return 0
     try:
         preflight.require_slurm()
