@@ -12,8 +12,9 @@ Suites (``--suite``):
   (``launch/experiments/cifar10_*.yaml``; docs/fidelity.md says where they differ from the above).
 - ``normalization``: the SN-GAN paper's normalization comparison on the standard CNN (Sec. 4):
   SN, weight normalization, orthonormal regularization, weight clipping, gradient penalty.
-- ``cifar10``: the real-data study (docs/real-data.md): DCGAN, WGAN (clipping), WGAN-GP CNN, SN-GAN
-  hinge CNN, SN-GAN hinge ResNet, SN-GAN Wasserstein ResNet, WN CNN, orthonormal CNN.
+- ``cifar10``: the real-data study (docs/real-data.md): DCGAN, WGAN (clipping), WGAN-GP CNN and ResNet,
+  SN-GAN Wasserstein CNN, SN-GAN hinge CNN, SN-GAN hinge ResNet, SN-GAN Wasserstein ResNet, WN CNN,
+  orthonormal CNN (the two rows after WGAN-GP CNN were added after the first study: not yet run).
 
 Every row is trained for the same number of G iterations (``--steps``; each row keeps its own
 n_dis, as in the papers), then scored: ``--num-samples`` generated images against reference
@@ -110,6 +111,8 @@ SUITES: Dict[str, List[Row]] = {
         Row("DCGAN", "cifar10_dcgan"),
         Row("WGAN (weight clipping)", "cifar10_wgan"),
         Row("WGAN-GP, CNN", "cifar10_wgangp_cnn"),
+        Row("WGAN-GP, ResNet", "cifar10_wgangp_resnet"),           # the seeds' rows the first study left out
+        Row("SN-GAN, Wasserstein, CNN", "cifar10_sngan_w_cnn"),
         Row("SN-GAN, hinge, CNN", "cifar10_sngan_hinge_cnn"),
         Row("SN-GAN, hinge, ResNet", "cifar10_sngan_hinge_resnet"),
         Row("SN-GAN, Wasserstein, ResNet", "cifar10_sngan_w_resnet"),
