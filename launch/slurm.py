@@ -264,13 +264,12 @@ def wait_for(job_id: str, poll_s: float = 2.0, report_every_s: float = 60.0) -> 
         info = run_status.sacct([job_id]).get(job_id)
         state = info["State"].split()[0] if info else "PENDING"  # not in accounting yet
         if state != last:
-            if last == "RUNNING" and state in ("PENDING", "REQUEUED"):
-                # A requeue: the earlier run shows as REQUEUED in accounting; say so even when the
-                # transient REQUEUED state fell between two polls.
-                n = run_status.requeue_counts([job_id]).get(job_id, 0)
-                if n > requeues and state != "REQUEUED":
-                    print(f"job {job_id}: REQUEUED ({n} so far)", flush=True)
-                requeues = max(requeues, n)
+            # A requeue: the earlier run shows as REQUEUED in accounting; say so even when the
+            # transient REQUEUED state (or the whole first run, on a slow poller) fell between polls.
+            n = run_status.requeue_counts([job_id]).get(job_id, 0)
+            if n > requeues and state != "REQUEUED":
+                print(f"job {job_id}: REQUEUED ({n} so far)", flush=True)
+            requeues = max(requeues, n)
             print(f"job {job_id}: {state}", flush=True)
             last = state
         if state == "PENDING":
