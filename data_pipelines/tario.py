@@ -38,8 +38,10 @@ IMAGE_EXTENSIONS = ("img.jpg", "jpg", "jpeg", "png", "webp", "img.png")
 LABEL_EXTENSIONS = ("cls", "label", "class")
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".partial")
+def atomic_write(path: Path, data: bytes, unique: bool = False) -> None:
+    """``data`` into ``path`` through a fsynced temporary file and a rename. ``unique``: the
+    temporary name carries this process's id (several processes may write the same file)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial" if unique else f"{path.name}.partial")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -143,16 +143,6 @@ def _check_existing(out: Path, spec: dict, job_id: str, overwrite: bool) -> Opti
     return None
 
 
-def _unique_write(path: Path, data: bytes) -> None:
-    """atomic_write with a temporary name of this process (several slice tasks write job.json)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _item_name(index: int) -> str:
     src = _SOURCE
     if src.files is not None:
@@ -189,9 +179,9 @@ def _block_paths(state: Path, b: int) -> Tuple[Path, Path]:
     return base.with_suffix(".bin"), base.with_suffix(".json")
 
 
-def _block_ok(state: Path, b: int) -> Optional[dict]:
-    """The record of block ``b`` when its data file is there and has the recorded sha256."""
-    data, record = _block_paths(state, b)
+def _verified_record(data: Path, record: Path) -> Optional[dict]:
+    """The JSON record of a finished file when both are there and the file has the recorded size and
+    sha256; None otherwise (missing, half-written, damaged: the file is redone)."""
     if not (data.is_file() and record.is_file()):
         return None
     try:
@@ -201,6 +191,11 @@ def _block_ok(state: Path, b: int) -> Optional[dict]:
     if data.stat().st_size != rec.get("bytes") or sha256_file(data) != rec.get("sha256"):
         return None
     return rec
+
+
+def _block_ok(state: Path, b: int) -> Optional[dict]:
+    """The record of block ``b`` when its data file is there and has the recorded sha256."""
+    return _verified_record(*_block_paths(state, b))
 
 
 def _convert_block(task: Tuple[int, str, int, int]) -> dict:
@@ -233,10 +228,10 @@ def _convert_block(task: Tuple[int, str, int, int]) -> dict:
     data_path, record_path = _block_paths(Path(state), b)
     # Temporary names of this process: a slice task and a whole run started by mistake beside it
     # may convert the same block; each renames complete files only (and the bytes are the same).
-    _unique_write(data_path, blob)
+    atomic_write(data_path, blob, unique=True)
     rec = {"block": b, "start": start, "stop": stop, "bytes": len(blob), "sha256": sha256_bytes(blob),
            "rows": rows, "skipped": skipped, "dropped": dropped}
-    _unique_write(record_path, json.dumps(rec).encode())
+    atomic_write(record_path, json.dumps(rec).encode(), unique=True)
     return rec
 
 
@@ -273,16 +268,10 @@ def _assemble_shard(task: Tuple[int, str, str, str, np.ndarray]) -> dict:
 
 
 def _shard_ok(folder: Path, name: str) -> Optional[dict]:
-    shard, record = folder / name, folder / STATE_DIR / f"{name}.json"
-    if not (shard.is_file() and record.is_file() and index_path(shard).is_file()):
+    shard = folder / name
+    if not index_path(shard).is_file():
         return None
-    try:
-        stats = json.loads(record.read_text())
-    except (ValueError, OSError):
-        return None
-    if shard.stat().st_size != stats.get("bytes") or sha256_file(shard) != stats.get("sha256"):
-        return None
-    return stats
+    return _verified_record(shard, folder / STATE_DIR / f"{name}.json")
 
 
 def _run_tasks(fn: Callable, tasks: list, workers: int, sizes: List[int], desc: str, unit: str,
@@ -365,7 +354,7 @@ def prepare(source: Source, out: str | Path, opts: PrepareOptions) -> dict:
     state = out / STATE_DIR
     (state / BLOCK_DIR).mkdir(parents=True, exist_ok=True)
     (shard_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    _unique_write(state / "job.json", json.dumps(spec, sort_keys=True).encode())
+    atomic_write(state / "job.json", json.dumps(spec, sort_keys=True).encode(), unique=True)
     if opts.slice_ is None:  # slice tasks may run beside each other: only a whole run clears leftovers
         for folder in (shard_dir, shard_dir / STATE_DIR, state, state / BLOCK_DIR):
             for stale in folder.glob("*.partial"):
