@@ -150,7 +150,9 @@ def test_make_seeds_refuses_a_wrong_pgc_path(tmp_path):
     assert proc.returncode == 2 and "--pgc" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.skipif(not os.environ.get("SNGAN_PGC"), reason="set SNGAN_PGC to a pytorch-gan-collections clone")
+@pytest.mark.skipif(not os.environ.get("SNGAN_PGC"),
+                    reason="set SNGAN_PGC to a pytorch-gan-collections clone: this check reruns the reference "
+                           "code, which is not in the repository")
 def test_make_seeds_regenerates_the_stored_fixture(tmp_path):
     """The stored fixture is what the generator computes from PGC's code (same machine, one thread)."""
     import numpy as np
